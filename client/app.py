@@ -1,0 +1,104 @@
+"""The ClientApp: a thin Flower adapter around :mod:`client.site`.
+
+Message in -> (config, weights, site data) -> ``common`` -> message out. The server
+sends its whole run configuration in every message (``config["run-config"]``), so a
+site never trains with settings the server did not log.
+
+Where the site's data comes from:
+- simulation: ``node_config["partition-id"]`` picks the site in the server's site plan
+  (``config["plan-path"]``) and the shared patch cache (``config["cache-path"]``);
+- deployment: ``node_config["data-path"]`` is this hospital's own LUNA16-format folder
+  (see :mod:`client.deploy`); nothing else is read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # a hospital's node does not phone home
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+
+from common import model as model_lib  # noqa: E402
+from common import wire  # noqa: E402
+from common.config import RunConfig  # noqa: E402
+
+from .site import SiteData, SiteError, evaluate_site, fails_at_random, simulated_site, train_site  # noqa: E402
+
+log = logging.getLogger(__name__)
+app = ClientApp()
+
+
+def _config(msg: Message) -> tuple[RunConfig, ConfigRecord]:
+    rec = msg.content["config"]
+    return RunConfig.from_json(str(rec["run-config"])), rec
+
+
+def site_data(cfg: RunConfig, rec: ConfigRecord, context: Context) -> SiteData:
+    node = context.node_config
+    if "data-path" in node:
+        from .deploy import deployed_site
+
+        return deployed_site(cfg, node)
+    if "partition-id" not in node:
+        raise SiteError("this node has neither a data-path (deployment) nor a partition-id (simulation) "
+                        "in its node config")
+    return simulated_site(cfg, int(node["partition-id"]), str(rec["plan-path"]), str(rec["cache-path"]))
+
+
+def _arrays_in(msg: Message, cfg: RunConfig) -> dict:
+    arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+    return wire.decode(arrays, cfg.update_dtype)
+
+
+def _reply(msg: Message, content: dict) -> Message:
+    return Message(RecordDict(content), reply_to=msg)
+
+
+@app.query()
+def hello(msg: Message, context: Context) -> Message:
+    """The handshake: who this site is and what it can train, checked before any round."""
+    cfg, rec = _config(msg)
+    data = site_data(cfg, rec, context)
+    model = model_lib.build_model(cfg.arch, cfg.norm)
+    node = context.node_config
+    # A site may pin settings its hospital requires; the server refuses to start on a mismatch.
+    pinned = {k: str(node[k]) for k in ("image-size", "dp", "arch", "norm") if k in node}
+    info = ConfigRecord({
+        "site": data.name,
+        "model-signature": model_lib.signature(model),
+        "patch-size": int(data.cache.spec.size),
+        "pinned": ",".join(f"{k}={v}" for k, v in sorted(pinned.items())),
+    })
+    metrics = MetricRecord({"train-size": data.train_size(cfg), "val-size": len(data.val),
+                            "train-positives": int(data.cache.label[data.train].sum())})
+    return _reply(msg, {"site": info, "metrics": metrics})
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg, rec = _config(msg)
+    server_round = int(rec["server-round"])
+    data = site_data(cfg, rec, context)
+    if fails_at_random(cfg, data.name, server_round):
+        raise SiteError(f"[site {data.name}] simulated failure in round {server_round} (--fail-prob {cfg.fail_prob})")
+    deadline = float(rec["deadline"]) if "deadline" in rec else None
+    arrays, metrics = train_site(cfg, data, _arrays_in(msg, cfg), server_round, deadline=deadline)
+    metrics["num-examples"] = float(data.train_size(cfg))
+    encoded = wire.encode(arrays, cfg.update_dtype)
+    metrics["bytes-sent"] = float(wire.nbytes(encoded))
+    metrics["finished-at"] = time.time()
+    return _reply(msg, {"arrays": ArrayRecord({k: Array(v) for k, v in encoded.items()}), "metrics": MetricRecord(metrics),
+                        "site": ConfigRecord({"site": data.name})})
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    cfg, rec = _config(msg)
+    data = site_data(cfg, rec, context)
+    metrics = evaluate_site(cfg, data, _arrays_in(msg, cfg))
+    metrics["num-examples"] = float(len(data.val))
+    return _reply(msg, {"metrics": MetricRecord(metrics), "site": ConfigRecord({"site": data.name})})

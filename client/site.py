@@ -1,0 +1,135 @@
+"""A hospital's side of a round, free of Flower: its data, its model, its training.
+
+The ClientApp is created anew for every message, but the process that runs it (a Ray
+actor in simulation, a SuperNode's app process in deployment) lives on. Opening the
+patch cache and building a ResNet-50 cost seconds, so both are kept warm per process
+in :class:`Warm`; the weights are always overwritten from the message, so nothing of one
+site or round leaks into the next.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import model as model_lib
+from common.cache import PatchCache, open_cache
+from common.config import RunConfig
+from common.dataset import epoch_size, eval_loader, train_loader
+from common.engine import evaluate, prepare, proximal_term, train_one_epoch
+from common.partition import SitePlan
+
+log = logging.getLogger(__name__)
+
+
+class SiteError(RuntimeError):
+    """A site cannot take part as configured; the message says why and how to fix it."""
+
+
+@dataclass
+class SiteData:
+    name: str
+    cache: PatchCache
+    train: np.ndarray  # positions in the cache index
+    val: np.ndarray
+
+    def train_size(self, cfg: RunConfig) -> int:
+        return epoch_size(self.cache, self.train, cfg.neg_ratio)
+
+
+class Warm:
+    """Per-process cache of opened patch caches, site data and models (see module doc)."""
+
+    _lock = threading.Lock()
+    _caches: dict[str, PatchCache] = {}
+    _plans: dict[str, SitePlan] = {}
+    _models: dict[tuple, torch.nn.Module] = {}
+
+    @classmethod
+    def cache(cls, path: str) -> PatchCache:
+        with cls._lock:
+            if path not in cls._caches:
+                cls._caches[path] = open_cache(Path(path))
+            return cls._caches[path]
+
+    @classmethod
+    def plan(cls, path: str) -> SitePlan:
+        with cls._lock:
+            if path not in cls._plans:
+                cls._plans[path] = SitePlan.load(path)
+            return cls._plans[path]
+
+    @classmethod
+    def model(cls, cfg: RunConfig, device: torch.device) -> torch.nn.Module:
+        key = (cfg.arch, cfg.norm, str(device), cfg.amp)
+        with cls._lock:
+            if key not in cls._models:
+                cls._models[key] = prepare(model_lib.build_model(cfg.arch, cfg.norm), device, cfg.amp)
+            return cls._models[key]
+
+
+def simulated_site(cfg: RunConfig, partition_id: int, plan_path: str, cache_path: str) -> SiteData:
+    plan = Warm.plan(plan_path)
+    site = plan.site(partition_id)
+    cache = Warm.cache(cache_path)
+    return SiteData(site.name, cache, cache.rows_of(site.train), cache.rows_of(site.val))
+
+
+def site_seed(cfg: RunConfig, site: str, server_round: int, salt: int = 0) -> int:
+    """A seed for this site and round that does not depend on which process runs it."""
+    digest = hashlib.sha256(f"{cfg.seed}:{site}:{server_round}:{salt}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def fails_at_random(cfg: RunConfig, site: str, server_round: int) -> bool:
+    """``--fail-prob``: a reproducible coin flip per site and round."""
+    if cfg.fail_prob <= 0:
+        return False
+    return np.random.default_rng(site_seed(cfg, site, server_round, salt=99)).random() < cfg.fail_prob
+
+
+def train_site(cfg: RunConfig, data: SiteData, arrays: dict[str, np.ndarray], server_round: int, *,
+               deadline: float | None = None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Local training for one round: returns the new weights and the round's metrics."""
+    device = model_lib.resolve_device(cfg.device)
+    seed = site_seed(cfg, data.name, server_round)
+    torch.manual_seed(seed)
+    model = Warm.model(cfg, device)
+    model_lib.set_arrays(model, arrays)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    extra = proximal_term(model, cfg.proximal_mu) if cfg.strategy == "fedprox" else None
+    prefix = f"[site {data.name}] [round {server_round}] "
+    t0 = time.perf_counter()
+    stats: list[dict[str, float]] = []
+    for epoch in range(cfg.local_epochs):
+        loader = train_loader(data.cache, data.train, batch_size=cfg.batch_size, neg_ratio=cfg.neg_ratio,
+                              augment=cfg.augment, seed=seed + epoch)
+        st = train_one_epoch(model, loader, optimizer, device, amp=cfg.amp, extra_loss=extra,
+                             deadline=deadline, log_prefix=prefix)
+        stats.append(st)
+        log.info("%sepoch %d/%d: loss %.4f, %d examples, %.1f img/s", prefix, epoch + 1, cfg.local_epochs,
+                 st["loss"], st["examples"], st["images_per_s"])
+    examples = sum(s["examples"] for s in stats)
+    metrics = {
+        "train-loss": float(np.average([s["loss"] for s in stats], weights=[s["examples"] or 1 for s in stats])),
+        "train-seconds": time.perf_counter() - t0,
+        "train-examples": float(examples),
+        "images-per-s": examples / max(sum(s["seconds"] for s in stats), 1e-9),
+    }
+    out = model_lib.get_arrays(model)
+    return out, metrics
+
+
+def evaluate_site(cfg: RunConfig, data: SiteData, arrays: dict[str, np.ndarray]) -> dict[str, float]:
+    device = model_lib.resolve_device(cfg.device)
+    model = Warm.model(cfg, device)
+    model_lib.set_arrays(model, arrays)
+    metrics, _, _ = evaluate(model, eval_loader(data.cache, data.val), device, cfg.amp)
+    return metrics

@@ -1,0 +1,71 @@
+"""The centralized baseline: the same model and engine on the pooled training data.
+
+Pooled data = the training scans of every site (their validation scans stay out, as in
+the federated run). One "round" here is ``local_epochs`` epochs, so round r of a
+centralized run and round r of a federated run have made the same number of passes
+over the training data (``rounds x local_epochs``): the learning curves share that axis.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+
+from . import model as model_lib
+from .config import RunConfig
+from .data import Prepared
+from .dataset import epoch_size, train_loader
+from .engine import prepare, train_one_epoch
+from .evaluation import TestSplit
+from .results import RunDir
+from .tracker import RunTracker
+
+log = logging.getLogger("luna_fl")
+
+
+def run_centralized(cfg: RunConfig, run: RunDir, prepared: Prepared, checkpoint: dict | None = None,
+                    progress: bool = True) -> dict[str, Any]:
+    device = model_lib.resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model = model_lib.build_model(cfg.arch, cfg.norm)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start = 0
+    if checkpoint:
+        model.load_state_dict(checkpoint["model"])
+        start = int(checkpoint["round"])
+    elif cfg.weights:
+        model_lib.load_weights(model, cfg.weights)
+    model = prepare(model, device, cfg.amp)
+    if checkpoint and "optimizer" in checkpoint:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    pooled = sorted(s for site in prepared.plan.sites for s in site.train)
+    positions = prepared.cache.rows_of(pooled)
+    log.info("centralized baseline: %d pooled training scans, %d examples per epoch, %d epochs",
+             len(pooled), epoch_size(prepared.cache, positions, cfg.neg_ratio), cfg.rounds * cfg.local_epochs)
+    tracker = RunTracker(cfg, run, TestSplit.from_prepared(prepared), device, start)
+
+    def save(rnd: int) -> None:
+        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        run.save_checkpoint(rnd, state, cfg, cfg.keep_checkpoints, optimizer=optimizer.state_dict())
+
+    if start == 0:
+        tracker.end_round(0, model, {})
+    for rnd in range(start + 1, cfg.rounds + 1):
+        t0 = time.time()
+        stats = []
+        for e in range(cfg.local_epochs):
+            epoch = (rnd - 1) * cfg.local_epochs + e
+            loader = train_loader(prepared.cache, positions, batch_size=cfg.batch_size, neg_ratio=cfg.neg_ratio,
+                                  augment=cfg.augment, seed=cfg.seed * 100_003 + epoch)
+            stats.append(train_one_epoch(model, loader, optimizer, device, amp=cfg.amp, progress=progress,
+                                         log_prefix=f"epoch {epoch + 1}/{cfg.rounds * cfg.local_epochs} "))
+        seen = sum(s["examples"] for s in stats)
+        row = {"wall_seconds": time.time() - t0, "train_loss": sum(s["loss"] * s["examples"] for s in stats) / seen,
+               "train_seconds": sum(s["seconds"] for s in stats), "images_per_s": seen / sum(s["seconds"] for s in stats)}
+        tracker.end_round(rnd, model, row, save)
+    summary = tracker.finish(model, {"mode": "centralized", "pooled_scans": len(pooled)})
+    log.info("results in %s", run.path)
+    return summary

@@ -1,0 +1,77 @@
+"""From a run configuration to ready data: the LUNA16 root, the patch cache and the sites.
+
+``prepare(cfg)`` is what ``sim/prepare.py``, ``sim/run.py`` (both modes) and the
+ServerApp call; it is idempotent (the second call is a cache hit that reads no CT file).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .cache import PatchCache, build_cache
+from .config import RunConfig, default_home
+from .luna16 import Luna16, load_luna16
+from .partition import ScanInfo, SitePlan, make_plan, scan_infos
+from .patches import PatchSpec
+
+log = logging.getLogger(__name__)
+
+
+def patch_spec(cfg: RunConfig) -> PatchSpec:
+    return PatchSpec(cfg.image_size, cfg.fov_mm, cfg.hu_min, cfg.hu_max)
+
+
+def synthetic_root(cfg: RunConfig) -> Path:
+    return default_home() / f"synthetic-{cfg.synthetic_scans}-seed{cfg.seed}"
+
+
+def resolve_root(cfg: RunConfig, progress: bool = True) -> Path:
+    """``--data``, or the default synthetic data set (made on first use)."""
+    if cfg.data:
+        root = Path(cfg.data).expanduser()
+        if not root.exists():
+            raise ValueError(f"--data {root}: no such folder")
+        return root
+    from .synthetic import make_dataset
+
+    root = synthetic_root(cfg)
+    if not (root / "synthetic.json").exists():
+        log.info("no --data given: making %d synthetic LUNA16-format scans in %s (once)", cfg.synthetic_scans, root)
+        bar = _bar(cfg.synthetic_scans, "making synthetic scans", progress)
+        make_dataset(root, cfg.synthetic_scans, cfg.seed, workers=cfg.workers,
+                     progress=lambda done, total: bar.update(done - bar.n))
+        bar.close()
+    return root
+
+
+@dataclass
+class Prepared:
+    root: Path
+    luna: Luna16
+    cache: PatchCache
+    infos: list[ScanInfo]
+    plan: SitePlan
+
+    def positions(self, scans: list[str]) -> np.ndarray:
+        return self.cache.rows_of(scans)
+
+
+def prepare(cfg: RunConfig, progress: bool = True) -> Prepared:
+    root = resolve_root(cfg, progress)
+    luna = load_luna16(root)
+    cache = build_cache(luna, patch_spec(cfg), cfg.cache_root(), workers=cfg.workers, on_bad_scan=cfg.on_bad_scan,
+                        max_neg_per_scan=cfg.max_neg_per_scan, seed=cfg.seed, progress=progress)
+    infos = scan_infos(cache.seriesuid, cache.subset, cache.label, luna.metadata)
+    plan = make_plan(infos, cfg.clients, cfg.partition, seed=cfg.seed, alpha=cfg.alpha,
+                     test_subsets=cfg.test_subset_list(), val_fraction=cfg.val_fraction)
+    return Prepared(root, luna, cache, infos, plan)
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="scan", disable=not enabled, dynamic_ncols=True)

@@ -1,0 +1,112 @@
+"""Torch datasets over the patch cache: balanced training epochs and natural-ratio evaluation.
+
+LUNA16 holds about one positive candidate per 484 negatives. A training epoch takes
+every positive of the site and ``neg_ratio`` times as many negatives, drawn afresh each
+epoch, so the model sees many different negatives over a run. Evaluation sets keep the
+natural ratio (all candidates of the scans), and every report states it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .cache import PatchCache
+
+
+def to_float(patches: np.ndarray) -> np.ndarray:
+    """uint8 window values to the model's input range [-1, 1] (float32)."""
+    return patches.astype(np.float32) * (2.0 / 255.0) - 1.0
+
+
+def augment(batch: np.ndarray, rng: np.random.Generator, max_shift: int) -> np.ndarray:
+    """Flips, 90-degree rotations and small shifts, the same for all three planes of a patch.
+
+    A nodule has no preferred orientation, so these keep the label; shifts mimic the
+    candidate detector's few-millimetre error.
+    """
+    out = np.empty_like(batch)
+    for i, p in enumerate(batch):
+        if rng.random() < 0.5:
+            p = p[:, :, ::-1]
+        if rng.random() < 0.5:
+            p = p[:, ::-1, :]
+        p = np.rot90(p, int(rng.integers(4)), axes=(1, 2))
+        if max_shift:
+            dy, dx = rng.integers(-max_shift, max_shift + 1, size=2)
+            p = np.roll(p, (int(dy), int(dx)), axis=(1, 2))
+            # rolled-in borders repeat the opposite edge; replace them with the nearest edge
+            if dy > 0:
+                p[:, :dy] = p[:, dy:dy + 1]
+            elif dy < 0:
+                p[:, dy:] = p[:, dy - 1:dy]
+            if dx > 0:
+                p[:, :, :dx] = p[:, :, dx:dx + 1]
+            elif dx < 0:
+                p[:, :, dx:] = p[:, :, dx - 1:dx]
+        out[i] = p
+    return out
+
+
+class PatchDataset(Dataset):
+    """Patches at ``positions`` of the cache index (uint8 in the cache, float here)."""
+
+    def __init__(self, cache: PatchCache, positions: np.ndarray, *, augment: bool = False,
+                 seed: int = 0) -> None:
+        self.cache = cache
+        self.positions = np.asarray(positions, dtype=np.int64)
+        self.labels = cache.label[self.positions].astype(np.float32)
+        self.augment = augment
+        self.rng = np.random.default_rng(seed)
+        self.max_shift = max(1, cache.spec.size // 16)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.cache.patches[self.cache.row[self.positions[i]]][None]
+        if self.augment:
+            x = augment(x, self.rng, self.max_shift)
+        return torch.from_numpy(to_float(np.ascontiguousarray(x[0]))), torch.tensor(self.labels[i])
+
+    def __getitems__(self, idx: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        # Batched read: one sorted memmap gather instead of one read per sample.
+        x = self.cache.get(self.positions[np.asarray(idx)])
+        if self.augment:
+            x = augment(x, self.rng, self.max_shift)
+        x = to_float(np.ascontiguousarray(x))
+        return [(torch.from_numpy(x[k]), torch.tensor(self.labels[j])) for k, j in enumerate(idx)]
+
+
+def balanced_positions(cache: PatchCache, positions: np.ndarray, neg_ratio: float,
+                       rng: np.random.Generator) -> np.ndarray:
+    """All positives among ``positions`` plus ``neg_ratio`` x as many fresh random negatives."""
+    positions = np.asarray(positions, dtype=np.int64)
+    lab = cache.label[positions]
+    pos = positions[lab == 1]
+    neg = positions[lab == 0]
+    n_neg = min(len(neg), int(round(max(len(pos), 1) * neg_ratio)))
+    chosen = np.concatenate([pos, rng.choice(neg, n_neg, replace=False)]) if n_neg else pos
+    return rng.permutation(chosen)
+
+
+def epoch_size(cache: PatchCache, positions: np.ndarray, neg_ratio: float) -> int:
+    """Examples in one balanced epoch (what a site reports as its ``num-examples``)."""
+    lab = cache.label[np.asarray(positions, dtype=np.int64)]
+    n_pos = int((lab == 1).sum())
+    return n_pos + min(int((lab == 0).sum()), int(round(max(n_pos, 1) * neg_ratio)))
+
+
+def train_loader(cache: PatchCache, positions: np.ndarray, *, batch_size: int, neg_ratio: float,
+                 augment: bool, seed: int) -> DataLoader:
+    """One balanced epoch's loader, reproducible from ``seed``."""
+    rng = np.random.default_rng(seed)
+    chosen = balanced_positions(cache, positions, neg_ratio, rng)
+    ds = PatchDataset(cache, chosen, augment=augment, seed=seed + 1)
+    # Order is already random; drop a last batch of one (BatchNorm cannot train on it).
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, drop_last=len(chosen) % batch_size == 1)
+
+
+def eval_loader(cache: PatchCache, positions: np.ndarray, batch_size: int = 64) -> DataLoader:
+    return DataLoader(PatchDataset(cache, positions), batch_size=batch_size, shuffle=False)

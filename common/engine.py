@@ -1,0 +1,136 @@
+"""The one training engine: ``train_one_epoch`` and ``evaluate``.
+
+Sites, the centralized baseline, the DP path (Opacus swaps the model, optimizer and
+loader passed in) and the benchmarks all call these two functions. FedProx is only an
+extra loss term (:func:`proximal_term`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .metrics import binary_metrics
+
+log = logging.getLogger(__name__)
+
+
+class DeadlineExceeded(RuntimeError):
+    """Local training ran past the round's deadline; the server has closed the round."""
+
+
+def _autocast(device: torch.device, amp: bool):
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def prepare(model: nn.Module, device: torch.device, amp: bool) -> nn.Module:
+    """Move to the device; channels_last on CUDA with AMP (faster convolutions)."""
+    model = model.to(device)
+    if amp and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def proximal_term(model: nn.Module, mu: float) -> Callable[[nn.Module], torch.Tensor]:
+    """FedProx: ``mu/2 * ||w - w_global||^2`` with ``w_global`` the weights right now."""
+    anchor = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+
+    def term(m: nn.Module) -> torch.Tensor:
+        params = [p for p in m.parameters() if p.requires_grad]
+        return (mu / 2) * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+
+    return term
+
+
+def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                    device: torch.device, *, amp: bool = False,
+                    extra_loss: Callable[[nn.Module], torch.Tensor] | None = None,
+                    deadline: float | None = None, log_prefix: str = "", progress: bool = False,
+                    after_step: Callable[[], None] | None = None) -> dict[str, float]:
+    """One pass over ``loader`` with BCE on one logit; returns loss, examples, seconds, img/s."""
+    model.train()
+    criterion = nn.BCEWithLogitsLoss(reduction="sum")
+    total_loss, seen, t0 = 0.0, 0, time.perf_counter()
+    data_time = 0.0
+    channels_last = amp and device.type == "cuda"
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(loader), desc=log_prefix.strip() or "train", unit="batch", leave=False,
+                   dynamic_ncols=True)
+    t_data = time.perf_counter()
+    for step, (x, y) in enumerate(loader):
+        data_time += time.perf_counter() - t_data
+        if deadline is not None and time.time() > deadline:
+            raise DeadlineExceeded(f"{log_prefix}local training passed the round deadline after {step} steps")
+        if len(y) == 0:  # Poisson sampling (DP) can draw an empty batch
+            continue
+        x = x.to(device, non_blocking=True)
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        y = y.to(device, non_blocking=True).float()
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(device, amp):
+            logits = model(x).reshape(-1).float()
+        loss_sum = criterion(logits, y)
+        loss = loss_sum / len(y)
+        if extra_loss is not None:
+            loss = loss + extra_loss(model)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{log_prefix}training loss became {loss.item()} at step {step}; "
+                                     "lower --lr or check the input data")
+        loss.backward()
+        optimizer.step()
+        if after_step is not None:
+            after_step()
+        total_loss += float(loss_sum.detach())
+        seen += len(y)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{total_loss / seen:.4f}")
+        t_data = time.perf_counter()
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    return {"loss": total_loss / max(seen, 1), "examples": float(seen), "seconds": seconds,
+            "images_per_s": seen / max(seconds, 1e-9), "data_seconds": data_time}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: DataLoader, device: torch.device, amp: bool = False
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels for every sample of ``loader`` (in loader order)."""
+    model.eval()
+    logits, labels = [], []
+    channels_last = amp and device.type == "cuda"
+    for x, y in loader:
+        x = x.to(device, non_blocking=True)
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        with _autocast(device, amp):
+            out = model(x).reshape(-1).float()
+        logits.append(out.cpu().numpy())
+        labels.append(y.numpy())
+    if not logits:
+        return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.float32)
+    return np.concatenate(logits), np.concatenate(labels)
+
+
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: bool = False
+             ) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    """Metrics of :func:`common.metrics.binary_metrics`, plus the logits and labels."""
+    t0 = time.perf_counter()
+    logits, labels = predict(model, loader, device, amp)
+    metrics = binary_metrics(labels, logits)
+    metrics["seconds"] = time.perf_counter() - t0
+    return metrics, logits, labels

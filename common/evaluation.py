@@ -1,0 +1,96 @@
+"""Evaluation of a global model on the held-out test split, for every kind of run.
+
+The same object serves the federated server (after each round) and the centralized
+baseline (after each epoch): classification metrics at the natural class ratio of the
+test candidates, LUNA16's CPM from the candidate probabilities, and at the end 95%
+bootstrap confidence intervals over patients, the LUNA16 submission CSV and the plots.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import froc
+from .dataset import eval_loader
+from .engine import evaluate
+from .luna16 import Luna16
+from .metrics import bootstrap_ci, roc_auc_score, sigmoid
+
+log = logging.getLogger(__name__)
+
+
+def findings(luna: Luna16, scans: list[str]) -> tuple[list[froc.Finding], list[froc.Finding]]:
+    keep = set(scans)
+    nod = [froc.Finding(n.seriesuid, *n.xyz, n.diameter_mm) for n in luna.annotations if n.seriesuid in keep]
+    exc = [froc.Finding(n.seriesuid, *n.xyz, n.diameter_mm) for n in luna.excluded if n.seriesuid in keep]
+    return nod, exc
+
+
+@dataclass
+class TestSplit:
+    """The held-out test scans of a prepared data set."""
+
+    positions: np.ndarray
+    scans: list[str]
+    seriesuid: np.ndarray
+    xyz: np.ndarray
+    nodules: list[froc.Finding]
+    excluded: list[froc.Finding]
+    loader: torch.utils.data.DataLoader
+
+    @classmethod
+    def from_prepared(cls, prepared, batch_size: int = 64) -> TestSplit:
+        cache = prepared.cache
+        positions = cache.rows_of(prepared.plan.test)
+        nod, exc = findings(prepared.luna, prepared.plan.test)
+        return cls(positions, sorted(prepared.plan.test), cache.seriesuid[positions], cache.xyz[positions],
+                   nod, exc, eval_loader(cache, positions, batch_size))
+
+    def marks(self, logits: np.ndarray) -> list[froc.Mark]:
+        p = sigmoid(logits)
+        return [froc.Mark(str(u), float(x), float(y), float(z), float(pr))
+                for u, (x, y, z), pr in zip(self.seriesuid, self.xyz, p, strict=True)]
+
+    def cpm(self, logits: np.ndarray, n_bootstrap: int = 0, seed: int = 0) -> froc.FROCResult | None:
+        if not self.nodules:
+            return None
+        return froc.compute_froc(self.marks(logits), self.nodules, self.scans, self.excluded,
+                                 n_bootstrap=n_bootstrap, seed=seed)
+
+    def run(self, model: torch.nn.Module, device: torch.device, amp: bool = False
+            ) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+        """Metrics (with ``cpm``) and the logits and labels of every test candidate."""
+        metrics, logits, labels = evaluate(model, self.loader, device, amp)
+        res = self.cpm(logits)
+        metrics["cpm"] = res.cpm if res is not None else float("nan")
+        return metrics, logits, labels
+
+    def final(self, logits: np.ndarray, labels: np.ndarray, out: Path, seed: int = 0, n_boot: int = 1000
+              ) -> dict:
+        """Point estimates with 95% CIs over patients; writes submission.csv; returns the summary."""
+        from .metrics import binary_metrics
+
+        point = binary_metrics(labels, logits)
+        ci = bootstrap_ci(labels, logits, self.seriesuid, n_boot=n_boot, seed=seed)
+        res = self.cpm(logits, n_bootstrap=n_boot, seed=seed)
+        froc.write_submission(out / "submission.csv", self.marks(logits))
+        summary = {
+            "metrics": point,
+            "ci95": {k: list(v) for k, v in ci.items()},
+            "froc": res.to_dict() if res is not None else None,
+            "class_ratio": f"1:{(len(labels) - labels.sum()) / max(labels.sum(), 1):.1f} (natural, all test candidates)",
+            "test_scans": len(self.scans),
+            "test_candidates": int(len(labels)),
+        }
+        if res is not None:
+            summary["metrics"]["cpm"] = res.cpm
+            summary["ci95"]["cpm"] = list(res.cpm_ci) if res.cpm_ci else None
+        return summary
+
+
+__all__ = ["TestSplit", "findings", "roc_auc_score"]

@@ -1,0 +1,141 @@
+"""The model factory: torchvision ResNets with one logit, the same for every role.
+
+The server, every site and the centralized baseline build their model here, so weights
+always match. ``norm="group"`` gives the differential-privacy variant: Opacus computes
+per-sample gradients, which BatchNorm (mixing samples) forbids; GroupNorm keeps the
+parameter names of the BatchNorm layers (weight, bias) and drops only their running
+statistics. That variant also avoids in-place operations on tensors Opacus hooks:
+torchvision's ``ReLU(inplace=True)`` and ``out += identity`` in its blocks fail in hooks
+mode ("Output 0 of BackwardHookFunction is a view and is being modified inplace").
+
+Nothing is downloaded: weights start random unless a local file is given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.models import resnet
+
+log = logging.getLogger(__name__)
+
+LAYERS = {"resnet50": (resnet.Bottleneck, [3, 4, 6, 3]), "resnet18": (resnet.BasicBlock, [2, 2, 2, 2]),
+          "resnet10": (resnet.BasicBlock, [1, 1, 1, 1])}
+
+
+class _OutOfPlaceBottleneck(resnet.Bottleneck):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+class _OutOfPlaceBasicBlock(resnet.BasicBlock):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(32, channels), channels)
+
+
+def build_model(arch: str = "resnet50", norm: str = "batch") -> nn.Module:
+    """A ResNet with a single logit (nodule vs non-nodule), randomly initialised."""
+    if arch not in LAYERS:
+        raise ValueError(f"arch {arch!r}: choose one of {', '.join(LAYERS)}")
+    block, layers = LAYERS[arch]
+    if norm == "batch":
+        return resnet.ResNet(block, layers, num_classes=1)
+    if norm != "group":
+        raise ValueError(f"norm {norm!r}: choose batch or group")
+    oop = _OutOfPlaceBottleneck if block is resnet.Bottleneck else _OutOfPlaceBasicBlock
+    model = resnet.ResNet(oop, layers, num_classes=1, norm_layer=_group_norm)
+    for m in model.modules():
+        if isinstance(m, nn.ReLU):
+            m.inplace = False
+    return model
+
+
+def signature(model_or_state: nn.Module | Mapping[str, object]) -> str:
+    """Hash of parameter names and shapes: equal signatures mean weights can be exchanged."""
+    state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(f"{k}:{tuple(np.shape(state[k]))};".encode())
+    return h.hexdigest()[:12]
+
+
+def strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove wrapper prefixes (Opacus ``_module.``, DataParallel ``module.``)."""
+    out = {}
+    for k, v in state.items():
+        for p in ("_module.", "module."):
+            if k.startswith(p):
+                k = k[len(p):]
+        out[k] = v
+    return out
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a local checkpoint: a plain state_dict, our checkpoint (``{"model": ...}``) or
+    torchvision ImageNet weights (their 1000-class head is skipped).
+
+    Raises ValueError naming the file when it does not fit the model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--weights {path}: no such file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
+        raise ValueError(f"--weights {path}: cannot be read as a PyTorch checkpoint ({exc})") from None
+    state = obj.get("model", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, Mapping):
+        raise ValueError(f"--weights {path}: expected a state_dict or a checkpoint with a 'model' entry")
+    state = strip_prefixes(state)
+    own = model.state_dict()
+    skipped = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
+    usable = {k: v for k, v in state.items() if k in own and k not in skipped}
+    missing = [k for k in own if k not in usable and not k.startswith("fc.")]
+    if missing:
+        raise ValueError(f"--weights {path}: {len(missing)} tensor(s) of the model are missing or differ in "
+                         f"shape, e.g. {missing[0]} (is it the same --arch / --norm?)")
+    model.load_state_dict(usable, strict=False)
+    if skipped or any(k.startswith("fc.") for k in own if k not in usable):
+        log.info("--weights %s: loaded all but the classification head (new one-logit head)", path)
+
+
+def get_arrays(model: nn.Module) -> dict[str, np.ndarray]:
+    """The model's state as numpy arrays (without Opacus' prefix): what leaves a site."""
+    return {k: v.detach().cpu().numpy() for k, v in strip_prefixes(model.state_dict()).items()}
+
+
+def set_arrays(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
+    """Load numpy arrays into the model, casting each to the dtype of its tensor."""
+    own = model.state_dict()
+    prefix = "_module." if next(iter(own)).startswith("_module.") else ""
+    with torch.no_grad():
+        for k, v in arrays.items():
+            t = own[prefix + k]
+            t.copy_(torch.from_numpy(np.asarray(v)).to(t.dtype))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible (use --device cpu or auto)")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: choose auto, cpu or cuda")
+    return torch.device(name)

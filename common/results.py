@@ -1,0 +1,166 @@
+"""One results folder per run, the same for federated and centralized runs.
+
+``config.json``   the resolved configuration (and versions, sites), written at start
+``events.jsonl``  one row per site event (train, evaluate, failure, rejected) per round
+``rounds.jsonl``  one row per completed round: times, aggregated and test metrics
+``summary.json``  the final figures (with 95% bootstrap CIs over patients)
+``checkpoints/``  ``round-NNNN.pt`` global model + strategy state, the newest N kept
+``submission.csv`` candidate probabilities of the test split, in LUNA16's format
+``*.png``         learning curves, ROC and FROC
+
+Everything is written atomically or appended line by line; a run killed at any point
+leaves a folder that ``--resume`` continues from its last complete round.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .atomic import atomic_write, atomic_write_json, json_default
+from .config import RunConfig
+
+log = logging.getLogger(__name__)
+
+# Settings that may differ on --resume: where and how fast it runs, not what it computes.
+RESUMABLE_CHANGES = ("rounds", "ray_address", "max_parallel", "cpus_per_client", "gpus_per_client", "workers",
+                     "node_timeout", "round_timeout", "out", "run_name", "device", "keep_checkpoints")
+NOTICE = ("Research results on synthetic or public data (LUNA16). Not a medical device; "
+          "never use these figures or models for diagnosis.")
+
+
+def versions() -> dict[str, str]:
+    import flwr
+    import numpy
+    import torchvision
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "flwr": flwr.__version__, "numpy": numpy.__version__}
+
+
+class RunDir:
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+
+    # ---- creation ----
+    @classmethod
+    def create(cls, cfg: RunConfig) -> RunDir:
+        name = cfg.run_name or f"{cfg.mode}-{cfg.strategy if cfg.mode == 'federated' else 'pooled'}-" \
+            f"{cfg.partition}-{time.strftime('%Y%m%d-%H%M%S')}"
+        path = Path(cfg.out) / name
+        if path.exists() and any(path.iterdir()):
+            raise ValueError(f"results folder {path} already exists; use --resume {path} to continue it "
+                             "or choose another --run-name")
+        path.mkdir(parents=True, exist_ok=True)
+        run = cls(path)
+        return run
+
+    @classmethod
+    def open_for_resume(cls, path: Path | str) -> tuple[RunDir, RunConfig]:
+        run = cls(path)
+        if not run.config_path.exists():
+            raise ValueError(f"--resume {path}: no config.json there; is it a results folder?")
+        saved = json.loads(run.config_path.read_text())["config"]
+        return run, RunConfig.from_dict(saved)
+
+    @staticmethod
+    def check_same(saved: RunConfig, new: RunConfig) -> None:
+        diff = [f"--{k.replace('_', '-')}: run has {v!r}, now {new.to_dict()[k]!r}"
+                for k, v in saved.to_dict().items() if k not in RESUMABLE_CHANGES and new.to_dict()[k] != v]
+        if diff:
+            raise ValueError("cannot resume with a different configuration:\n  " + "\n  ".join(diff))
+
+    # ---- paths ----
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def events_path(self) -> Path:
+        return self.path / "events.jsonl"
+
+    @property
+    def rounds_path(self) -> Path:
+        return self.path / "rounds.jsonl"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    # ---- writing ----
+    def write_config(self, cfg: RunConfig, **extra: Any) -> None:
+        atomic_write_json(self.config_path, {"config": cfg.to_dict(), "versions": versions(), "notice": NOTICE,
+                                             "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra})
+
+    def append(self, path: Path, row: dict) -> None:
+        line = json.dumps(row, sort_keys=True, default=json_default) + "\n"
+        with open(path, "a") as fh:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def event(self, kind: str, rnd: int, site: str, data: dict) -> None:
+        self.append(self.events_path, {"kind": kind, "round": rnd, "site": site, **data})
+
+    def round_row(self, row: dict) -> None:
+        self.append(self.rounds_path, row)
+
+    def write_json(self, name: str, obj: Any) -> None:
+        atomic_write_json(self.path / name, obj)
+
+    # ---- reading ----
+    @staticmethod
+    def read_jsonl(path: Path) -> list[dict]:
+        if not path.exists():
+            return []
+        rows = []
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a crash
+                log.warning("%s: ignoring an incomplete line", path)
+        return rows
+
+    def rounds(self) -> list[dict]:
+        return self.read_jsonl(self.rounds_path)
+
+    def events(self) -> list[dict]:
+        return self.read_jsonl(self.events_path)
+
+    def truncate_after(self, rnd: int) -> None:
+        """Drop rows of rounds after ``rnd`` (written before a crash, not checkpointed)."""
+        for path in (self.events_path, self.rounds_path):
+            rows = [r for r in self.read_jsonl(path) if r.get("round", 0) <= rnd]
+            atomic_write(path, lambda fh, rows=rows: fh.write("".join(
+                json.dumps(r, sort_keys=True, default=json_default) + "\n" for r in rows)))
+
+    # ---- checkpoints ----
+    def save_checkpoint(self, rnd: int, model_state: dict[str, torch.Tensor], cfg: RunConfig,
+                        keep: int, **extra: Any) -> Path:
+        path = self.checkpoint_dir / f"round-{rnd:04d}.pt"
+        obj = {"model": model_state, "round": rnd, "config": cfg.to_dict(), **extra}
+        atomic_write(path, lambda fh: torch.save(obj, fh), binary=True)
+        for old in sorted(self.checkpoint_dir.glob("round-*.pt"))[:-keep]:
+            old.unlink()
+        return path
+
+    def latest_checkpoint(self) -> dict | None:
+        for path in sorted(self.checkpoint_dir.glob("round-*.pt"), reverse=True):
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as exc:  # noqa: BLE001 - a damaged file: fall back to the one before
+                log.warning("checkpoint %s cannot be read (%s); trying an older one", path, exc)
+        return None
+
+    def save_model(self, name: str, model_state: dict[str, torch.Tensor], cfg: RunConfig, **extra: Any) -> Path:
+        path = self.path / name
+        obj = {"model": model_state, "config": cfg.to_dict(), **extra}
+        atomic_write(path, lambda fh: torch.save(obj, fh), binary=True)
+        return path

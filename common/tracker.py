@@ -1,0 +1,112 @@
+"""What happens at the end of every round (federated) or epoch (centralized).
+
+Test evaluation when due, the round's row in ``rounds.jsonl``, the checkpoint, a
+progress line with ETA; and at the end the summary with CIs, the plots and the final
+model. Federated and centralized runs share it, so their folders compare one to one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import froc
+from .config import RunConfig
+from .evaluation import TestSplit
+from .plots import learning_curves, roc_curves
+from .results import NOTICE, RunDir
+
+log = logging.getLogger("luna_fl")
+
+
+class RunTracker:
+    def __init__(self, cfg: RunConfig, run: RunDir, tester: TestSplit | None, device: torch.device,
+                 start_round: int = 0) -> None:
+        self.cfg = cfg
+        self.run = run
+        self.tester = tester
+        self.device = device
+        self.start_round = start_round
+        self.t_start = time.time()
+        self.last: tuple[np.ndarray, np.ndarray] | None = None  # test logits, labels of the newest eval
+        self.last_round = -1
+
+    def due(self, rnd: int) -> bool:
+        return rnd == 0 or rnd % self.cfg.eval_every == 0 or rnd == self.cfg.rounds
+
+    def end_round(self, rnd: int, model: torch.nn.Module, row: dict[str, Any],
+                  save_checkpoint: Callable[[int], None] | None = None) -> dict[str, float]:
+        """Evaluate (if due), write the round row and the checkpoint; return test metrics."""
+        test: dict[str, float] = {}
+        if self.tester is not None and self.due(rnd):
+            metrics, logits, labels = self.tester.run(model, self.device, self.cfg.amp)
+            self.last, self.last_round = (logits, labels), rnd
+            test = metrics
+        row = {"round": rnd, "data_passes": self.cfg.data_passes(rnd), "time": time.time(), **row,
+               **{f"test_{k}": v for k, v in test.items()}}
+        if save_checkpoint is not None and rnd > 0:
+            save_checkpoint(rnd)  # before the row: a row means the round is complete and saved
+        self.run.round_row(row)
+        self._progress(rnd, row)
+        return test
+
+    def _progress(self, rnd: int, row: dict[str, Any]) -> None:
+        if rnd == 0:
+            if "test_roc_auc" in row:
+                log.info("[round 0/%d] initial model: test ROC-AUC %.3f", self.cfg.rounds, row["test_roc_auc"])
+            return
+        done = rnd - self.start_round
+        per_round = (time.time() - self.t_start) / max(done, 1)
+        eta = per_round * (self.cfg.rounds - rnd)
+        parts = [f"[round {rnd}/{self.cfg.rounds}] {row.get('wall_seconds', per_round):.1f}s",
+                 f"ETA {_hms(eta)}"]
+        if "train_loss" in row:
+            parts.append(f"train loss {row['train_loss']:.4f}")
+        if "overhead" in row and row["overhead"] is not None:
+            parts.append(f"overhead {row['overhead']:.0%}")
+        if row.get("val_roc_auc") is not None and math.isfinite(row["val_roc_auc"]):
+            parts.append(f"site-val AUC {row['val_roc_auc']:.3f}")
+        if "test_roc_auc" in row:
+            parts.append(f"test AUC {row['test_roc_auc']:.3f} CPM {row.get('test_cpm', float('nan')):.3f} "
+                         f"acc {row['test_accuracy']:.3f}")
+        if row.get("failed_sites"):
+            parts.append(f"failed: {', '.join(row['failed_sites'])}")
+        if row.get("rejected_sites"):
+            parts.append(f"rejected: {', '.join(row['rejected_sites'])}")
+        log.info(" | ".join(parts))
+
+    def finish(self, model: torch.nn.Module, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Final evaluation with CIs, summary.json, plots and model_final.pt; returns the summary."""
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        self.run.save_model("model_final.pt", state, self.cfg, round=self.cfg.rounds)
+        summary: dict[str, Any] = {"notice": NOTICE, "config": self.cfg.to_dict(), "rounds": self.cfg.rounds,
+                                   "data_passes": self.cfg.data_passes(self.cfg.rounds),
+                                   "wall_seconds": time.time() - self.t_start, **(extra or {})}
+        if self.tester is not None:
+            if self.last is None or self.last_round != self.cfg.rounds:
+                _, logits, labels = self.tester.run(model, self.device, self.cfg.amp)
+                self.last = (logits, labels)
+            logits, labels = self.last
+            summary["test"] = self.tester.final(logits, labels, self.run.path, seed=self.cfg.seed)
+            roc_curves({self.run.path.name: (labels, logits)}, self.run.path / "roc.png")
+            res = self.tester.cpm(logits)
+            if res is not None:
+                froc.plot_froc({self.run.path.name: res}, self.run.path / "froc.png")
+        rows = self.run.rounds()
+        if rows:
+            learning_curves({self.run.path.name: rows}, self.run.path / "learning_curves.png", NOTICE)
+        self.run.write_json("summary.json", summary)
+        return summary
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

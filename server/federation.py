@@ -1,0 +1,227 @@
+"""The server's side of a federated run, shared by ``sim/run.py`` and ``flwr run``.
+
+``setup`` makes (or reopens, for ``--resume``) the results folder and prepares the data;
+``federate`` does the handshake with every site, then hands the rounds to the chosen
+Flower strategy (inside :class:`server.strategy.Guard`) with an ``evaluate_fn`` that
+tests the global model, checkpoints it and reports progress after every round.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from common import model as model_lib
+from common.config import RunConfig
+from common.data import Prepared, prepare
+from common.dataset import epoch_size
+from common.evaluation import TestSplit
+from common.partition import format_summary, save_summary, summary_rows
+from common.results import RunDir
+from common.tracker import RunTracker
+
+from .strategy import Guard, export_state, import_state, make_strategy, wait_for_nodes
+
+log = logging.getLogger("luna_fl")
+
+
+class HandshakeError(RuntimeError):
+    """Sites and server disagree on what they are about to train; nothing was trained."""
+
+
+@dataclass
+class ServerRun:
+    cfg: RunConfig
+    run: RunDir
+    prepared: Prepared | None
+    checkpoint: dict | None = None
+    slots: int = 0  # sites training at once (simulation); 0 = one per site
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def start_round(self) -> int:
+        return int(self.checkpoint["round"]) if self.checkpoint else 0
+
+
+def setup(cfg: RunConfig, resume: str = "", progress: bool = True, with_data: bool = True) -> ServerRun:
+    """Create or reopen the results folder, prepare data and sites, save the plan."""
+    checkpoint = None
+    if resume:
+        run, saved = RunDir.open_for_resume(resume)
+        RunDir.check_same(saved, cfg)
+        checkpoint = run.latest_checkpoint()
+        done = int(checkpoint["round"]) if checkpoint else 0
+        run.truncate_after(done)
+        log.info("resuming %s after round %d of %d", run.path, done, cfg.rounds)
+    else:
+        run = RunDir.create(cfg)
+    prepared = prepare(cfg, progress=progress) if with_data else None
+    extra: dict[str, Any] = {}
+    if prepared is not None:
+        prepared.plan.save(run.path / "sites.json")
+        rows = summary_rows(prepared.plan, prepared.infos)
+        save_summary(rows, run.path / "site_summary.csv")
+        log.info("sites (%s partition, whole patients; test split held out):\n%s",
+                 cfg.partition, format_summary(rows))
+        extra = {"data_root": str(prepared.root), "cache": str(prepared.cache.path),
+                 "cache_meta": {k: prepared.cache.meta[k] for k in ("key", "rows_valid", "skipped_scans")}}
+    run.write_config(cfg, resumed_from_round=checkpoint["round"] if checkpoint else None, **extra)
+    return ServerRun(cfg, run, prepared, checkpoint)
+
+
+def base_config(sr: ServerRun) -> ConfigRecord:
+    """What every message to a site carries: the whole config and, in simulation, where
+    the shared cache and the site plan are."""
+    rec: dict[str, Any] = {"run-config": sr.cfg.to_json()}
+    if sr.prepared is not None:
+        rec["plan-path"] = str(sr.run.path / "sites.json")
+        rec["cache-path"] = str(sr.prepared.cache.path)
+    return ConfigRecord(rec)
+
+
+def handshake(grid: Grid, sr: ServerRun, server_signature: str) -> tuple[dict[int, str], dict[str, dict]]:
+    """Ask every site who it is and what it trains; refuse to start on any disagreement."""
+    cfg = sr.cfg
+    nodes = wait_for_nodes(grid, cfg.clients, cfg.node_timeout)
+    msgs = [Message(RecordDict({"config": base_config(sr)}), dst_node_id=n, message_type=MessageType.QUERY)
+            for n in nodes]
+    replies = list(grid.send_and_receive(msgs, timeout=cfg.node_timeout))
+    node_sites: dict[int, str] = {}
+    info: dict[str, dict] = {}
+    problems = []
+    for r in replies:
+        node = r.metadata.src_node_id
+        if r.has_error():
+            problems.append(f"node {node}: {' '.join(r.error.reason.split())[:400]}")
+            continue
+        rec = r.content["site"]
+        site = str(rec["site"])
+        if site in info:
+            problems.append(f"two nodes call themselves {site}")
+        node_sites[node] = site
+        metrics = {k: float(v) for k, v in r.content["metrics"].items()}
+        info[site] = {"node": node, **metrics}
+        if rec["model-signature"] != server_signature:
+            problems.append(f"{site} builds a different model (signature {rec['model-signature']}) than the "
+                            f"server (signature {server_signature}, --arch {cfg.arch} --norm {cfg.norm})")
+        if int(rec["patch-size"]) != cfg.image_size:
+            problems.append(f"{site} has patches of {rec['patch-size']} px, the server uses --image-size "
+                            f"{cfg.image_size}")
+        for pin in filter(None, str(rec["pinned"]).split(",")):
+            key, value = pin.split("=", 1)
+            ours = str(cfg.to_flat()[key])
+            if value != ours:
+                problems.append(f"{site} requires {key}={value}, the server runs {key}={ours}")
+    if len(replies) < len(nodes):
+        problems.append(f"{len(nodes) - len(replies)} node(s) did not answer within --node-timeout")
+    if problems:
+        raise HandshakeError("sites and server disagree; nothing was trained:\n  " + "\n  ".join(problems))
+    for site, d in sorted(info.items()):
+        log.info("[site %s] joined (node %d): %d training examples per epoch, %d validation candidates",
+                 site, d["node"], d["train-size"], d["val-size"])
+    return node_sites, info
+
+
+def site_limits(sr: ServerRun, info: dict[str, dict]) -> dict[str, int]:
+    """The most examples each site may claim: from the server's own plan where it has one
+    (simulation), else what the site declared at the handshake (fixed for the run)."""
+    limits = {site: int(d["train-size"]) for site, d in info.items()}
+    if sr.prepared is not None:
+        cache = sr.prepared.cache
+        for s in sr.prepared.plan.sites:
+            if s.name in limits:
+                limits[s.name] = epoch_size(cache, cache.rows_of(s.train), sr.cfg.neg_ratio)
+    return limits
+
+
+def federate(grid: Grid, sr: ServerRun) -> dict[str, Any]:
+    """Run the remaining rounds; returns the run's summary."""
+    cfg, run = sr.cfg, sr.run
+    device = model_lib.resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model = model_lib.build_model(cfg.arch, cfg.norm)
+    if sr.checkpoint:
+        model.load_state_dict(sr.checkpoint["model"])
+    elif cfg.weights:
+        model_lib.load_weights(model, cfg.weights)
+    model = model.to(device)
+    reference = model_lib.get_arrays(model)
+    node_sites, info = handshake(grid, sr, model_lib.signature(reference))
+    run.write_json("handshake.json", info)
+
+    strategy = make_strategy(cfg, len(node_sites))
+    if sr.checkpoint and sr.checkpoint.get("strategy"):
+        import_state(strategy, sr.checkpoint["strategy"])
+    guard = Guard(strategy, cfg, reference, node_sites, site_limits(sr, info), round_offset=sr.start_round,
+                  on_event=run.event)
+    tester = TestSplit.from_prepared(sr.prepared) if sr.prepared is not None else None
+    tracker = RunTracker(cfg, run, tester, device, sr.start_round)
+    slots = sr.slots or len(node_sites)
+
+    def save(rnd: int) -> None:
+        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        run.save_checkpoint(rnd, state, cfg, cfg.keep_checkpoints, strategy=export_state(strategy))
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        rnd = server_round + sr.start_round
+        if server_round == 0 and sr.start_round > 0:
+            return None  # the resumed model was evaluated before the interruption
+        model_lib.set_arrays(model, {k: v.numpy() for k, v in arrays.items()})
+        row = round_row(guard, rnd, slots) if rnd > 0 else {}
+        test = tracker.end_round(rnd, model, row, save)
+        return MetricRecord({k: float(v) for k, v in test.items() if np.isfinite(v)})
+
+    train_cfg, eval_cfg = base_config(sr), base_config(sr)
+    remaining = cfg.rounds - sr.start_round
+    if remaining > 0:
+        guard.start(grid, ArrayRecord(model.state_dict()), num_rounds=remaining, timeout=cfg.round_timeout,
+                    train_config=train_cfg, evaluate_config=eval_cfg, evaluate_fn=evaluate_fn)
+    else:
+        log.info("all %d rounds are already done", cfg.rounds)
+    summary = tracker.finish(model, {"sites": info, "slots": slots, "mode": "federated", **sr.extra})
+    log.info("results in %s", run.path)
+    return summary
+
+
+def round_row(guard: Guard, rnd: int, slots: int) -> dict[str, Any]:
+    """The round's figures: wall time, the sites' training time and the federation overhead."""
+    lg = guard.rounds.get(rnd)
+    if lg is None:
+        return {}
+    wall = time.time() - lg.started
+    train_secs = [m.get("train-seconds", 0.0) for m in lg.train.values()]
+    n_slots = max(1, min(slots, len(lg.sampled) or 1))
+    busy = sum(train_secs) / n_slots
+    row: dict[str, Any] = {
+        "wall_seconds": wall,
+        "site_train_seconds": sum(train_secs),
+        "slots": n_slots,
+        # 1 - (training time spread over the parallel slots) / (the round's wall time)
+        "overhead": 1 - busy / wall if wall > 0 else None,
+        "sites_sampled": len(lg.sampled),
+        "sites_trained": len(lg.train),
+        "failed_sites": sorted(lg.failed),
+        "rejected_sites": sorted(lg.rejected),
+        "bytes_down": lg.bytes_down,
+        "bytes_up": lg.bytes_up,
+    }
+    if lg.train:
+        w = np.array([m.get("num-examples", 1.0) for m in lg.train.values()])
+        row["train_loss"] = float(np.average([m["train-loss"] for m in lg.train.values()], weights=w))
+    if lg.evaluate:
+        vals = [(m.get("roc_auc", float("nan")), m.get("num-examples", 1.0)) for m in lg.evaluate.values()]
+        finite = [(a, w) for a, w in vals if np.isfinite(a)]
+        if finite:
+            row["val_roc_auc"] = float(np.average([a for a, _ in finite], weights=[w for _, w in finite]))
+        row["val_loss"] = float(np.average([m["loss"] for m in lg.evaluate.values()],
+                                           weights=[m.get("num-examples", 1.0) for m in lg.evaluate.values()]))
+    return row
+
+

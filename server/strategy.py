@@ -1,0 +1,387 @@
+"""Strategies by name, and the guard that makes any of them safe to run at hospitals.
+
+Flower's strategies own the round loop and the aggregation rule; we never copy them.
+:class:`Guard` wraps the chosen strategy (as Flower's own DP wrappers do) and adds what
+a federation of hospitals needs and the 1.41 strategies lack:
+
+- updates with NaN/Inf, missing or extra keys, wrong shapes, or an example count larger
+  than the site's partition are rejected before aggregation, and the site is named;
+- a site whose reply is an error is named in the round's log; the round aggregates the
+  rest unless fewer than ``min_fit`` valid updates remain, which fails the round clearly;
+- sampling never waits forever: too few connected nodes is a timeout error;
+- replies are sorted by site before aggregation and sampling sees nodes in site order,
+  so a seed gives the same global model whatever order replies arrive in;
+- weights travel as float32, float16 or bfloat16 and are aggregated in float32;
+- rounds can be offset, so a resumed run continues at round k+1 with Flower's loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    Strategy,
+)
+
+from common import wire
+from common.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+
+class RoundFailed(RuntimeError):
+    """A round could not produce a trustworthy global model."""
+
+
+class NodesUnavailable(TimeoutError):
+    """Not enough sites connected within the configured time."""
+
+
+def nan_weighted_mean(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Example-weighted mean of each metric, skipping sites where it is undefined (NaN).
+
+    (A site with no positive in its validation split has no AUC; one such site must not
+    turn the federation's AUC into NaN.)
+    """
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for rec in records:
+        m = next(iter(rec.metric_records.values()))
+        w = float(m[weight_key])  # type: ignore[arg-type]
+        for k, v in m.items():
+            if k == weight_key or isinstance(v, list) or not math.isfinite(float(v)):
+                continue
+            sums[k] = sums.get(k, 0.0) + float(v) * w
+            weights[k] = weights.get(k, 0.0) + w
+    return MetricRecord({k: sums[k] / weights[k] for k in sums if weights[k] > 0})
+
+
+def quorum(cfg: RunConfig, n_sampled: int) -> int:
+    """Fewest valid updates a round needs: --min-fit-clients, else half the sampled sites."""
+    return cfg.min_fit_clients or max(1, math.ceil(n_sampled / 2))
+
+
+def make_strategy(cfg: RunConfig, n_sites: int) -> Strategy:
+    """The Flower strategy named by ``cfg.strategy`` (optionally inside central DP)."""
+    # Rounds go ahead with whoever is connected, down to the quorum; the handshake has
+    # already waited for every site once, and the Guard names the ones that drop out.
+    common = dict(fraction_train=cfg.fraction_fit, fraction_evaluate=cfg.fraction_evaluate,
+                  min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=quorum(cfg, n_sites),
+                  train_metrics_aggr_fn=nan_weighted_mean, evaluate_metrics_aggr_fn=nan_weighted_mean)
+    name = cfg.strategy
+    strategy: Strategy
+    if name == "fedavg":
+        strategy = FedAvg(**common)
+    elif name == "fedprox":
+        strategy = FedProx(**common, proximal_mu=cfg.proximal_mu)
+    elif name == "fedadam":
+        strategy = FedAdam(**common, eta=cfg.server_lr, eta_l=cfg.lr)
+    elif name == "fedyogi":
+        strategy = FedYogi(**common, eta=cfg.server_lr, eta_l=cfg.lr)
+    elif name == "fedmedian":
+        strategy = FedMedian(**common)
+    elif name == "fedtrimmedavg":
+        strategy = FedTrimmedAvg(**common, beta=cfg.trim_beta)
+    elif name == "krum":
+        strategy = Krum(**common, num_malicious_nodes=cfg.krum_malicious)
+    else:  # RunConfig validates names; this guards direct callers
+        raise ValueError(f"strategy {name!r}: choose one of fedavg, fedprox, fedadam, fedyogi, fedmedian, "
+                         "fedtrimmedavg, krum")
+    if cfg.dp == "central":
+        sampled = max(1, int(n_sites * cfg.fraction_fit))
+        strategy = DifferentialPrivacyServerSideFixedClipping(strategy, cfg.dp_noise, cfg.dp_clip, sampled)
+    return strategy
+
+
+@dataclass
+class RoundLog:
+    """What the guard saw in one round (read by the server's recorder)."""
+
+    started: float = 0.0
+    sampled: list[str] = field(default_factory=list)
+    train: dict[str, dict[str, float]] = field(default_factory=dict)
+    evaluate: dict[str, dict[str, float]] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
+    bytes_down: int = 0
+    bytes_up: int = 0
+
+
+class Guard(Strategy):
+    """Wraps a Flower strategy with validation, naming, quorum, timeouts and round offset."""
+
+    def __init__(self, inner: Strategy, cfg: RunConfig, reference: dict[str, np.ndarray],
+                 node_sites: dict[int, str], limits: dict[str, int], *, round_offset: int = 0,
+                 on_event: Callable[[str, int, str, dict], None] | None = None) -> None:
+        self.inner = inner
+        self.cfg = cfg
+        self.shapes = {k: tuple(np.shape(v)) for k, v in reference.items()}
+        self.reference = reference
+        self.node_sites = dict(node_sites)
+        self.limits = dict(limits)
+        self.round_offset = round_offset
+        self.on_event = on_event or (lambda kind, rnd, site, data: None)
+        self.rounds: dict[int, RoundLog] = {}
+
+    # ---- helpers ----
+    def site_of(self, node_id: int) -> str:
+        return self.node_sites.get(node_id, f"node-{node_id}")
+
+    def _round(self, server_round: int) -> int:
+        return server_round + self.round_offset
+
+    def _log(self, rnd: int) -> RoundLog:
+        return self.rounds.setdefault(rnd, RoundLog())
+
+    def _ordered_grid(self, grid: Grid, rnd: int) -> Grid:
+        wait_for_nodes(grid, self.inner_min_available(), self.cfg.node_timeout)
+        random.seed(f"{self.cfg.seed}:{rnd}")  # Flower samples with the global `random`
+        return _SiteOrderedGrid(grid, self.site_of)
+
+    def inner_min_available(self) -> int:
+        s = self.inner
+        while not hasattr(s, "min_available_nodes") and hasattr(s, "strategy"):
+            s = s.strategy  # type: ignore[attr-defined]
+        return int(getattr(s, "min_available_nodes", 1))
+
+    def _encode_into(self, msgs: list[Message], arrays: ArrayRecord) -> int:
+        """Put the wire encoding of ``arrays`` into the messages (the inner strategy kept
+        the float32 original, e.g. FedAdam for its pseudo-gradient); return its bytes."""
+        if self.cfg.update_dtype == "float32" or not msgs:
+            return sum(len(a.data) for a in arrays.values())
+        enc = wire.encode({k: v.numpy() for k, v in arrays.items()}, self.cfg.update_dtype)
+        record = ArrayRecord({k: Array(v) for k, v in enc.items()})
+        for m in msgs:
+            for key in list(m.content.array_records):
+                m.content[key] = record
+        return sum(len(a.data) for a in record.values())
+
+    # ---- training ----
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+                        ) -> Iterable[Message]:
+        rnd = self._round(server_round)
+        lg = self._log(rnd)
+        lg.started = time.time()
+        config["deadline"] = time.time() + self.cfg.round_timeout
+        msgs = list(self.inner.configure_train(rnd, arrays, config, self._ordered_grid(grid, rnd)))
+        nbytes = self._encode_into(msgs, arrays)
+        lg.sampled = [self.site_of(m.metadata.dst_node_id) for m in msgs]
+        lg.bytes_down += nbytes * len(msgs)
+        return msgs
+
+    def validate(self, msg: Message) -> tuple[str, str | None]:
+        """(site, reason to reject or None) for one training reply."""
+        site = self.site_of(msg.metadata.src_node_id)
+        content = msg.content
+        if len(content.array_records) != 1 or len(content.metric_records) != 1:
+            return site, "expected one ArrayRecord and one MetricRecord"
+        metrics = next(iter(content.metric_records.values()))
+        n = metrics.get("num-examples")
+        if not isinstance(n, (int, float)) or not math.isfinite(float(n)) or n <= 0:
+            return site, f"num-examples {n!r} is not a positive number"
+        limit = self.limits.get(site)
+        if limit is not None and n > limit:
+            return site, f"num-examples {n:g} exceeds the site's training partition ({limit})"
+        arrays = next(iter(content.array_records.values()))
+        keys = set(arrays.keys())
+        missing, extra = sorted(set(self.shapes) - keys), sorted(keys - set(self.shapes))
+        if missing or extra:
+            return site, f"weights do not match the model: missing {missing[:3]}, unexpected {extra[:3]}"
+        try:
+            decoded = wire.decode({k: v.numpy() for k, v in arrays.items()}, self.cfg.update_dtype, self.reference)
+        except Exception as exc:  # noqa: BLE001 - an undecodable array is a rejected update
+            return site, f"weights cannot be decoded: {exc}"
+        for k, v in decoded.items():
+            if tuple(v.shape) != self.shapes[k]:
+                return site, f"{k} has shape {tuple(v.shape)}, the model has {self.shapes[k]}"
+            if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all():
+                return site, f"{k} holds NaN or Inf"
+        content[next(iter(content.array_records))] = ArrayRecord({k: Array(v) for k, v in decoded.items()})
+        return site, None
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        rnd = self._round(server_round)
+        lg = self._log(rnd)
+        accepted: list[tuple[str, Message]] = []
+        for msg in replies:
+            site = self.site_of(msg.metadata.src_node_id)
+            if msg.has_error():
+                lg.failed[site] = _short(msg.error.reason)
+                log.warning("[round %d] [site %s] failed: %s", rnd, site, _short(msg.error.reason))
+                self.on_event("failure", rnd, site, {"phase": "train", "reason": msg.error.reason})
+                continue
+            site, reason = self.validate(msg)
+            if reason is not None:
+                lg.rejected[site] = reason
+                log.warning("[round %d] [site %s] update rejected: %s", rnd, site, reason)
+                self.on_event("rejected", rnd, site, {"phase": "train", "reason": reason})
+                continue
+            metrics = {k: float(v) for k, v in next(iter(msg.content.metric_records.values())).items()
+                       if not isinstance(v, list)}
+            lg.train[site] = metrics
+            lg.bytes_up += int(metrics.get("bytes-sent", 0))
+            self.on_event("train", rnd, site, metrics)
+            accepted.append((site, msg))
+        missing = [s for s in lg.sampled if s not in lg.train and s not in lg.failed and s not in lg.rejected]
+        for site in missing:
+            lg.failed[site] = f"no reply within --round-timeout {self.cfg.round_timeout:g}s"
+            log.warning("[round %d] [site %s] did not reply in time; the round closes without it", rnd, site)
+            self.on_event("failure", rnd, site, {"phase": "train", "reason": lg.failed[site]})
+        need = quorum(self.cfg, len(lg.sampled))
+        if len(accepted) < need:
+            raise RoundFailed(f"round {rnd}: only {len(accepted)} valid update(s) of {len(lg.sampled)} sampled "
+                              f"sites, at least {need} needed (--min-fit-clients); failed: "
+                              f"{_names(lg.failed)}; rejected: {_names(lg.rejected)}")
+        accepted.sort(key=lambda sm: sm[0])
+        arrays, metrics = self.inner.aggregate_train(rnd, [m for _, m in accepted])
+        if arrays is None:
+            raise RoundFailed(f"round {rnd}: the {self.cfg.strategy} strategy produced no global model")
+        for k, v in arrays.items():
+            a = v.numpy()
+            if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+                raise RoundFailed(f"round {rnd}: the aggregated {k} holds NaN or Inf")
+        return arrays, metrics
+
+    # ---- evaluation ----
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+                           ) -> Iterable[Message]:
+        rnd = self._round(server_round)
+        msgs = list(self.inner.configure_evaluate(rnd, arrays, config, self._ordered_grid(grid, rnd)))
+        nbytes = self._encode_into(msgs, arrays)
+        self._log(rnd).bytes_down += nbytes * len(msgs)
+        return msgs
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        rnd = self._round(server_round)
+        lg = self._log(rnd)
+        ok: list[tuple[str, Message]] = []
+        for msg in replies:
+            site = self.site_of(msg.metadata.src_node_id)
+            if msg.has_error():
+                log.warning("[round %d] [site %s] evaluation failed: %s", rnd, site, _short(msg.error.reason))
+                self.on_event("failure", rnd, site, {"phase": "evaluate", "reason": msg.error.reason})
+                continue
+            metrics = {k: float(v) for k, v in next(iter(msg.content.metric_records.values())).items()
+                       if not isinstance(v, list)}
+            lg.evaluate[site] = metrics
+            self.on_event("evaluate", rnd, site, metrics)
+            ok.append((site, msg))
+        ok.sort(key=lambda sm: sm[0])
+        return self.inner.aggregate_evaluate(rnd, [m for _, m in ok]) if ok else None
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+
+class _SiteOrderedGrid:
+    """A view of the Grid whose node list is in site-name order (for reproducible sampling)."""
+
+    def __init__(self, grid: Grid, site_of: Callable[[int], str]) -> None:
+        self._grid = grid
+        self._site_of = site_of
+
+    def get_node_ids(self) -> list[int]:
+        return sorted(self._grid.get_node_ids(), key=lambda n: (self._site_of(n), n))
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+
+def wait_for_nodes(grid: Grid, needed: int, timeout: float) -> list[int]:
+    """Node ids once ``needed`` are connected; NodesUnavailable after ``timeout`` seconds."""
+    deadline = time.time() + timeout
+    last = -1
+    while True:
+        nodes = list(grid.get_node_ids())
+        if len(nodes) >= needed:
+            return nodes
+        if time.time() > deadline:
+            raise NodesUnavailable(f"only {len(nodes)} of the {needed} sites connected within --node-timeout "
+                                   f"{timeout:g}s; check that every SuperNode is running and can reach the "
+                                   "SuperLink, or lower --clients")
+        if len(nodes) != last:
+            log.info("waiting for sites: %d of %d connected", len(nodes), needed)
+            last = len(nodes)
+        time.sleep(0.5)
+
+
+def _short(reason: str, n: int = 300) -> str:
+    """The message of a site's error, without the Ray and Flower wrapping around it."""
+    if "Message:" in reason:
+        reason = reason.rsplit("Message:", 1)[1].strip().rstrip("'>").strip()
+    else:
+        lines = [ln for ln in reason.splitlines() if ln.strip()]
+        reason = lines[-1] if lines else reason
+    reason = " ".join(reason.split())
+    return reason if len(reason) <= n else reason[: n - 3] + "..."
+
+
+def _names(d: dict[str, str]) -> str:
+    return ", ".join(f"{k} ({_short(v, 80)})" for k, v in sorted(d.items())) or "none"
+
+
+# ---- strategy state, for checkpoints (FedAdam's moments, FedAvgM's momentum, ...) ----
+STATE_ATTRS = ("current_arrays", "m_t", "v_t", "momentum_vector")
+
+
+def _to_saveable(value):
+    if isinstance(value, ArrayRecord):
+        return {"__arrayrecord__": {k: torch.from_numpy(v.numpy().copy()) for k, v in value.items()}}
+    if isinstance(value, dict):
+        return {"__dict__": {k: torch.from_numpy(np.asarray(v).copy()) for k, v in value.items()}}
+    if isinstance(value, list):
+        return {"__list__": [torch.from_numpy(np.asarray(v).copy()) for v in value]}
+    return None
+
+
+def _from_saveable(value):
+    if "__arrayrecord__" in value:
+        return ArrayRecord({k: Array(v.numpy()) for k, v in value["__arrayrecord__"].items()})
+    if "__dict__" in value:
+        return {k: v.numpy() for k, v in value["__dict__"].items()}
+    return [v.numpy() for v in value["__list__"]]
+
+
+def export_state(strategy: Strategy) -> dict:
+    """The mutable state of a strategy chain (wrappers included), as tensors for torch.save."""
+    out: dict = {}
+    depth = 0
+    s: object = strategy
+    while s is not None:
+        for name in STATE_ATTRS:
+            value = getattr(s, name, None)
+            if value is not None and (saved := _to_saveable(value)) is not None:
+                out[f"{depth}.{name}"] = saved
+        s = getattr(s, "strategy", None) or getattr(s, "inner", None)
+        depth += 1
+    return out
+
+
+def import_state(strategy: Strategy, state: dict) -> None:
+    depth = 0
+    s: object = strategy
+    while s is not None:
+        for name in STATE_ATTRS:
+            key = f"{depth}.{name}"
+            if key in state:
+                setattr(s, name, _from_saveable(state[key]))
+        s = getattr(s, "strategy", None) or getattr(s, "inner", None)
+        depth += 1
