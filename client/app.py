@@ -87,12 +87,12 @@ def train(msg: Message, context: Context) -> Message:
         raise SiteError(f"[site {data.name}] simulated failure in round {server_round} (--fail-prob {cfg.fail_prob})")
     deadline = float(rec["deadline"]) if "deadline" in rec else None
     arrays, metrics = train_site(cfg, data, _arrays_in(msg, cfg), server_round, deadline=deadline)
-    metrics["num-examples"] = float(data.train_size(cfg))
+    metrics["num-examples"] = float(data.train_size(cfg)) * metrics.pop("inflate-factor", 1.0)
     encoded = wire.encode(arrays, cfg.update_dtype)
     metrics["bytes-sent"] = float(wire.nbytes(encoded))
     metrics["finished-at"] = time.time()
-    return _reply(msg, {"arrays": ArrayRecord({k: Array(v) for k, v in encoded.items()}), "metrics": MetricRecord(metrics),
-                        "site": ConfigRecord({"site": data.name})})
+    record = ArrayRecord({k: Array(v) for k, v in encoded.items()})
+    return _reply(msg, {"arrays": record, "metrics": MetricRecord(metrics), "site": ConfigRecord({"site": data.name})})
 
 
 @app.evaluate()

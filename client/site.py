@@ -98,6 +98,9 @@ def fails_at_random(cfg: RunConfig, site: str, server_round: int) -> bool:
 def train_site(cfg: RunConfig, data: SiteData, arrays: dict[str, np.ndarray], server_round: int, *,
                deadline: float | None = None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Local training for one round: returns the new weights and the round's metrics."""
+    injected = cfg.injections().get(data.name)
+    if injected == "crash":
+        raise SiteError(f"[site {data.name}] injected crash in round {server_round} (--inject)")
     device = model_lib.resolve_device(cfg.device)
     seed = site_seed(cfg, data.name, server_round)
     torch.manual_seed(seed)
@@ -112,7 +115,8 @@ def train_site(cfg: RunConfig, data: SiteData, arrays: dict[str, np.ndarray], se
         loader = train_loader(data.cache, data.train, batch_size=cfg.batch_size, neg_ratio=cfg.neg_ratio,
                               augment=cfg.augment, seed=seed + epoch)
         st = train_one_epoch(model, loader, optimizer, device, amp=cfg.amp, extra_loss=extra,
-                             deadline=deadline, log_prefix=prefix)
+                             deadline=deadline, log_prefix=prefix,
+                             after_step=(lambda: time.sleep(2.0)) if injected == "slow" else None)
         stats.append(st)
         log.info("%sepoch %d/%d: loss %.4f, %d examples, %.1f img/s", prefix, epoch + 1, cfg.local_epochs,
                  st["loss"], st["examples"], st["images_per_s"])
@@ -124,7 +128,31 @@ def train_site(cfg: RunConfig, data: SiteData, arrays: dict[str, np.ndarray], se
         "images-per-s": examples / max(sum(s["seconds"] for s in stats), 1e-9),
     }
     out = model_lib.get_arrays(model)
+    if injected:
+        out = misbehave(injected, out, arrays, metrics)
     return out, metrics
+
+
+def misbehave(kind: str, local: dict[str, np.ndarray], global_: dict[str, np.ndarray],
+              metrics: dict[str, float]) -> dict[str, np.ndarray]:
+    """What a broken or malicious site sends (``--inject``, for rehearsals and tests)."""
+    out = dict(local)
+    name = next(k for k, v in out.items() if v.ndim >= 2)
+    if kind == "nan":
+        bad = out[name].copy()
+        bad.flat[0] = np.nan
+        bad.flat[-1] = np.inf
+        out[name] = bad
+    elif kind == "shape":
+        out[name] = out[name][:-1]
+    elif kind == "missing":
+        del out[name]
+    elif kind == "inflate":
+        metrics["inflate-factor"] = 100.0  # applied to num-examples by the ClientApp
+    elif kind == "signflip":  # a scaled, sign-flipped update: w_g - 10 (w_local - w_g)
+        out = {k: (g - 10.0 * (v - g)).astype(v.dtype) if np.issubdtype(v.dtype, np.floating) else v
+               for (k, v), g in zip(out.items(), (global_[k] for k in out), strict=True)}
+    return out
 
 
 def evaluate_site(cfg: RunConfig, data: SiteData, arrays: dict[str, np.ndarray]) -> dict[str, float]:

@@ -63,8 +63,9 @@ def run_centralized(cfg: RunConfig, run: RunDir, prepared: Prepared, checkpoint:
             stats.append(train_one_epoch(model, loader, optimizer, device, amp=cfg.amp, progress=progress,
                                          log_prefix=f"epoch {epoch + 1}/{cfg.rounds * cfg.local_epochs} "))
         seen = sum(s["examples"] for s in stats)
+        secs = sum(s["seconds"] for s in stats)
         row = {"wall_seconds": time.time() - t0, "train_loss": sum(s["loss"] * s["examples"] for s in stats) / seen,
-               "train_seconds": sum(s["seconds"] for s in stats), "images_per_s": seen / sum(s["seconds"] for s in stats)}
+               "train_seconds": secs, "images_per_s": seen / secs}
         tracker.end_round(rnd, model, row, save)
     summary = tracker.finish(model, {"mode": "centralized", "pooled_scans": len(pooled)})
     log.info("results in %s", run.path)

@@ -25,6 +25,7 @@ DP_MODES = ("off", "local", "central")
 MODES = ("federated", "centralized")
 DEVICES = ("auto", "cpu", "cuda")
 UPDATE_DTYPES = ("float32", "float16", "bfloat16")
+INJECTIONS = ("nan", "shape", "missing", "inflate", "signflip", "slow", "crash")
 
 
 def _f(default: Any, help: str, **extra: Any) -> Any:  # noqa: A002 - mirrors argparse
@@ -43,8 +44,8 @@ class RunConfig:
     # --- what runs ---------------------------------------------------------------
     mode: str = _f("federated", "federated (Flower on Ray) or centralized (pooled baseline)", choices=MODES)
     clients: int = _f(8, "number of simulated hospitals (sites)")
-    rounds: int = _f(3, "federated rounds (centralized: epochs = rounds x local-epochs)")
-    local_epochs: int = _f(2, "local epochs per round at each site")
+    rounds: int = _f(8, "federated rounds (centralized: epochs = rounds x local-epochs)")
+    local_epochs: int = _f(3, "local epochs per round at each site")
     # --- optimisation (the reference workload: Adam 1e-3, BCE, batch 16) ----------
     batch_size: int = _f(16, "training batch size")
     lr: float = _f(1e-3, "Adam learning rate")
@@ -57,7 +58,7 @@ class RunConfig:
                    choices=("batch", "group"))
     weights: str = _f("", "local checkpoint to start from (a state_dict or our checkpoint); empty = random init")
     device: str = _f("auto", "auto (CUDA when present), cpu or cuda", choices=DEVICES)
-    amp: bool = _f(True, "mixed precision and channels_last on CUDA (ignored on CPU)")
+    amp: bool = _f(True, "bfloat16 mixed precision and channels_last on CUDA and on CPUs with native bfloat16")
     # --- data ---------------------------------------------------------------------
     data: str = _f("", "LUNA16 root (subset0..9, annotations.csv, candidates_V2.csv); empty = synthetic")
     cache_dir: str = _f("", "patch cache folder; empty = <LUNAFL_HOME>/cache")
@@ -89,6 +90,8 @@ class RunConfig:
     update_dtype: str = _f("float32", "dtype of weights on the wire (float16/bfloat16 halve traffic)",
                            choices=UPDATE_DTYPES)
     fail_prob: float = _f(0.0, "simulation only: chance that a site fails a round at random")
+    inject: str = _f("", "simulation only, to rehearse attacks and faults: SITE:KIND pairs, e.g. "
+                     "'site-2:nan,site-5:signflip' (kinds: nan, shape, missing, inflate, signflip, slow, crash)")
     # --- differential privacy -----------------------------------------------------------
     dp: str = _f("off", "off, local (Opacus DP-SGD at each site) or central (Flower server-side DP)",
                  choices=DP_MODES)
@@ -142,6 +145,10 @@ class RunConfig:
         if self.dp == "central" and self.strategy in ("fedmedian", "krum", "fedtrimmedavg"):
             problems.append(f"--dp central wraps a mean-based strategy; {self.strategy} is not one")
         try:
+            self.injections()
+        except ValueError as exc:
+            problems.append(str(exc))
+        try:
             self.test_subset_list()
         except ValueError as exc:
             problems.append(str(exc))
@@ -157,6 +164,16 @@ class RunConfig:
             raise ValueError(f"--test-subsets {self.test_subsets!r}: expected a comma list of 0..9") from None
         if not out or any(s < 0 or s > 9 for s in out):
             raise ValueError(f"--test-subsets {self.test_subsets!r}: expected a comma list of 0..9")
+        return out
+
+    def injections(self) -> dict[str, str]:
+        """``--inject`` as {site: kind}."""
+        out = {}
+        for item in filter(None, (x.strip() for x in self.inject.split(","))):
+            site, _, kind = item.partition(":")
+            if kind not in INJECTIONS:
+                raise ValueError(f"--inject {item!r}: expected SITE:KIND with KIND one of {', '.join(INJECTIONS)}")
+            out[site] = kind
         return out
 
     def data_passes(self, round_: int) -> int:

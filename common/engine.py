@@ -26,16 +26,26 @@ class DeadlineExceeded(RuntimeError):
     """Local training ran past the round's deadline; the server has closed the round."""
 
 
+def amp_active(device: torch.device, amp: bool) -> bool:
+    """bfloat16 autocast runs on CUDA, and on CPUs with native bfloat16 (AVX512-BF16, AMX),
+    where oneDNN makes ResNet-50 training about 1.5x faster; elsewhere it would be slower."""
+    if not amp:
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def _autocast(device: torch.device, amp: bool):
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if amp_active(device, amp):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
 
 def prepare(model: nn.Module, device: torch.device, amp: bool) -> nn.Module:
-    """Move to the device; channels_last on CUDA with AMP (faster convolutions)."""
+    """Move to the device; channels_last where mixed precision runs (faster convolutions)."""
     model = model.to(device)
-    if amp and device.type == "cuda":
+    if amp_active(device, amp):
         model = model.to(memory_format=torch.channels_last)
     return model
 
@@ -61,7 +71,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     criterion = nn.BCEWithLogitsLoss(reduction="sum")
     total_loss, seen, t0 = 0.0, 0, time.perf_counter()
     data_time = 0.0
-    channels_last = amp and device.type == "cuda"
+    channels_last = amp_active(device, amp)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -112,7 +122,7 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, amp: boo
     """Logits and labels for every sample of ``loader`` (in loader order)."""
     model.eval()
     logits, labels = [], []
-    channels_last = amp and device.type == "cuda"
+    channels_last = amp_active(device, amp)
     for x, y in loader:
         x = x.to(device, non_blocking=True)
         if channels_last:

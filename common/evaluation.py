@@ -19,7 +19,7 @@ from . import froc
 from .dataset import eval_loader
 from .engine import evaluate
 from .luna16 import Luna16
-from .metrics import bootstrap_ci, roc_auc_score, sigmoid
+from .metrics import bootstrap_ci, sigmoid
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,8 @@ class TestSplit:
             "metrics": point,
             "ci95": {k: list(v) for k, v in ci.items()},
             "froc": res.to_dict() if res is not None else None,
-            "class_ratio": f"1:{(len(labels) - labels.sum()) / max(labels.sum(), 1):.1f} (natural, all test candidates)",
+            "class_ratio": f"1:{(len(labels) - labels.sum()) / max(labels.sum(), 1):.1f} "
+                           "(natural: all test candidates)",
             "test_scans": len(self.scans),
             "test_candidates": int(len(labels)),
         }
@@ -92,5 +93,3 @@ class TestSplit:
             summary["ci95"]["cpm"] = list(res.cpm_ci) if res.cpm_ci else None
         return summary
 
-
-__all__ = ["TestSplit", "findings", "roc_auc_score"]

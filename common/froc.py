@@ -24,12 +24,11 @@ import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import IO, Any
 
-from .atomic import atomic_write
-
 import numpy as np
+
+from .atomic import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -224,8 +224,7 @@ def read_csv_rows(path: Path, columns: Sequence[str]) -> Iterable[tuple[int, dic
         if missing:
             raise DataError(f"{path}: missing column(s) {', '.join(missing)}; found "
                             f"{', '.join(found) or 'no header'}; expected {', '.join(columns)}")
-        for lineno, row in enumerate(reader, 2):
-            yield lineno, row
+        yield from enumerate(reader, 2)
 
 
 def _float(path: Path, lineno: int, row: dict[str, str], key: str) -> float:

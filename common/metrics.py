@@ -37,6 +37,9 @@ def binary_metrics(labels: np.ndarray, logits: np.ndarray, threshold: float = 0.
     """All metrics of :data:`METRICS` plus counts; NaN where undefined (e.g. AUC with one class)."""
     y = np.asarray(labels).astype(int)
     p = sigmoid(logits)
+    if not np.isfinite(p).all():  # a broken model: say so in the numbers, do not crash the report
+        return {k: math.nan for k in METRICS} | {"n": float(len(y)), "positives": float(y.sum()),
+                                                 "prevalence": _div(float(y.sum()), len(y))}
     pred = p >= threshold
     tp = int(np.sum(pred & (y == 1)))
     fp = int(np.sum(pred & (y == 0)))

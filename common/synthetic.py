@@ -197,7 +197,7 @@ class _Phantom:
     def _place_findings(self, full_size: bool) -> None:
         rng = self.rng
         max_d = 30.0 if full_size else min(30.0, self.lung_ax * 0.9)
-        for i in range(int(rng.integers(2, 5))):
+        for _i in range(int(rng.integers(2, 5))):
             # Most nodules are small; a few are large (log-uniform, 3-30 mm).
             dia = float(np.exp(rng.uniform(np.log(3.5), np.log(max_d))))
             kind = str(rng.choice(["solid", "ground-glass", "part-solid", "juxtapleural"], p=[0.5, 0.18, 0.12, 0.2]))

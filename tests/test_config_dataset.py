@@ -1,0 +1,69 @@
+"""The one config (CLI, Flower run config, pyproject) and the balanced training epochs."""
+
+from __future__ import annotations
+
+import argparse
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.config import RunConfig, add_arguments, from_args
+from common.dataset import augment, balanced_positions, epoch_size, train_loader
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pyproject_app_config_lists_every_setting_with_its_default():
+    table = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    table.pop("resume")
+    assert RunConfig.from_dict(table) == RunConfig()
+    assert set(table) == set(RunConfig().to_flat())
+
+
+def test_cli_round_trip_and_bad_values_are_named():
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    cfg = from_args(p.parse_args(["--clients", "3", "--no-augment", "--strategy", "fedprox", "--lr", "0.01"]))
+    assert (cfg.clients, cfg.augment, cfg.strategy, cfg.lr) == (3, False, "fedprox", 0.01)
+    assert RunConfig.from_json(cfg.to_json()) == cfg
+    assert RunConfig.from_dict(cfg.to_flat()) == cfg
+    with pytest.raises(ValueError, match="--hu-min"):
+        RunConfig(hu_min=500, hu_max=400)
+    with pytest.raises(ValueError, match="--dp local needs --norm group"):
+        RunConfig(dp="local")
+    with pytest.raises(ValueError, match="unknown setting"):
+        RunConfig.from_dict({"learning-rate": 1})
+    with pytest.raises(SystemExit):
+        p.parse_args(["--strategy", "fedsgd"])
+
+
+def test_balanced_epoch_draws_fresh_negatives(tiny_cfg):
+    from common.data import prepare
+
+    prep = prepare(tiny_cfg, progress=False)
+    cache = prep.cache
+    pos = cache.rows_of(prep.plan.sites[0].train)
+    rng = np.random.default_rng(0)
+    a = balanced_positions(cache, pos, 2.0, rng)
+    b = balanced_positions(cache, pos, 2.0, rng)
+    n_pos = int(cache.label[pos].sum())
+    assert int(cache.label[a].sum()) == n_pos  # every positive, every epoch
+    assert (cache.label[a] == 0).sum() == min(2 * n_pos, (cache.label[pos] == 0).sum())
+    assert set(a[cache.label[a] == 0]) != set(b[cache.label[b] == 0])  # fresh negatives
+    assert epoch_size(cache, pos, 2.0) == len(a)
+    loader = train_loader(cache, pos, batch_size=4, neg_ratio=2.0, augment=True, seed=1)
+    x, y = next(iter(loader))
+    assert x.shape == (4, 3, 32, 32) and x.dtype.is_floating_point
+    assert -1.0 <= float(x.min()) and float(x.max()) <= 1.0
+
+
+def test_augmentation_keeps_shape_and_content():
+    rng = np.random.default_rng(0)
+    batch = rng.integers(0, 255, size=(6, 3, 16, 16), dtype=np.uint8)
+    out = augment(batch, rng, max_shift=2)
+    assert out.shape == batch.shape and out.dtype == batch.dtype
+    # flips and rotations keep the histogram; small shifts change it only at the border
+    for a, b in zip(batch, out, strict=True):
+        assert abs(float(a.mean()) - float(b.mean())) < 12

@@ -1,0 +1,158 @@
+"""Candidate patches and the patch cache."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+import common.cache as cache_mod
+from common.cache import build_cache, cache_key, open_cache
+from common.luna16 import DataError, load_luna16, read_scan
+from common.patches import PAD_HU, PatchSpec, extract_hu
+
+
+def _sphere_scan(tmp_path, direction, spacing=(0.7, 0.7, 2.0)):
+    """A volume of lung (-850 HU) with a 10 mm solid nodule at a known world point."""
+    shape = (40, 80, 80)  # z, y, x
+    origin = np.array([-30.0, -25.0, -100.0])
+    img = sitk.GetImageFromArray(np.full(shape, -850, dtype=np.int16))
+    img.SetOrigin(origin.tolist())
+    img.SetSpacing(spacing)
+    img.SetDirection(direction)
+    centre = np.array(img.TransformContinuousIndexToPhysicalPoint((50.3, 30.7, 22.4)))
+    zz, yy, xx = np.meshgrid(*(np.arange(n) for n in shape), indexing="ij")
+    idx = np.stack([xx, yy, zz], -1).reshape(-1, 3).astype(float)
+    d = np.array(direction, dtype=float).reshape(3, 3)
+    world = origin + (idx * np.array(spacing)) @ d.T
+    inside = np.linalg.norm(world - centre, axis=1) <= 5.0
+    arr = np.full(shape, -850, dtype=np.int16).reshape(-1)
+    arr[inside] = 40
+    out = sitk.GetImageFromArray(arr.reshape(shape))
+    out.CopyInformation(img)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "s.mhd"
+    sitk.WriteImage(out, str(path), useCompression=False)
+    return read_scan(path), centre
+
+
+@pytest.mark.parametrize("direction", [(1, 0, 0, 0, 1, 0, 0, 0, 1), (-1, 0, 0, 0, -1, 0, 0, 0, 1),
+                                       (1, 0, 0, 0, 1, 0, 0, 0, -1)])
+def test_patch_around_a_known_nodule_has_it_at_the_centre(tmp_path, direction):
+    scan, centre = _sphere_scan(tmp_path, direction)
+    spec = PatchSpec(size=33, fov_mm=33.0)
+    patch = extract_hu(scan, centre[None], spec)[0]
+    for plane in patch:
+        bright = np.argwhere(plane > -400)
+        assert len(bright) > 20
+        np.testing.assert_allclose(bright.mean(axis=0), [16, 16], atol=0.8)
+        # and the nodule's diameter in the plane is about 10 mm (10 px at 1 mm/px)
+        assert 8 <= np.ptp(bright[:, 1]) + 1 <= 12
+
+
+def test_identity_and_flipped_scans_give_the_same_patch(tmp_path):
+    a, ca = _sphere_scan(tmp_path / "a", (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    b, cb = _sphere_scan(tmp_path / "b", (-1, 0, 0, 0, -1, 0, 0, 0, 1))
+    spec = PatchSpec(size=21, fov_mm=21.0)
+    pa, pb = extract_hu(a, ca[None], spec)[0], extract_hu(b, cb[None], spec)[0]
+    assert np.mean(np.abs(pa - pb)) < 40  # same anatomy; only interpolation differs
+
+
+def test_candidate_at_the_volume_edge_is_padded_with_air(tmp_path):
+    scan, _ = _sphere_scan(tmp_path, (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    corner = scan.geometry.index_to_world(np.array([0.0, 0.0, 0.0]))
+    patch = extract_hu(scan, corner[None], PatchSpec(size=16, fov_mm=32.0))[0]
+    assert np.isfinite(patch).all()
+    assert (patch == PAD_HU).mean() > 0.4  # the part outside the volume reads as air
+    assert (patch == -850).any()  # the part inside is the scan
+
+
+def test_cache_hit_reads_no_ct_file(tiny_root, tmp_path, monkeypatch):
+    luna = load_luna16(tiny_root)
+    spec = PatchSpec(size=16, fov_mm=32.0)
+    first = build_cache(luna, spec, tmp_path, progress=False)
+
+    def no_reading(*a, **k):
+        raise AssertionError("the CT volume was read on a cache hit")
+
+    monkeypatch.setattr(cache_mod, "read_scan", no_reading)
+    again = build_cache(luna, spec, tmp_path, progress=False)
+    assert again.path == first.path and len(again) == len(luna.candidates)
+    np.testing.assert_array_equal(np.asarray(again.patches), np.asarray(first.patches))
+
+
+def test_cache_is_keyed_by_preprocessing_settings(tiny_root):
+    luna = load_luna16(tiny_root)
+    base = cache_key(luna, PatchSpec(32, 48.0, -1000, 400))
+    assert cache_key(luna, PatchSpec(32, 48.0, -1000, 400)) == base
+    assert cache_key(luna, PatchSpec(64, 48.0, -1000, 400)) != base
+    assert cache_key(luna, PatchSpec(32, 48.0, -1200, 600)) != base
+    assert cache_key(luna, PatchSpec(32, 48.0, -1000, 400), max_neg_per_scan=5) != base
+
+
+def test_a_cache_killed_mid_write_is_rebuilt(tiny_root, tmp_path):
+    luna = load_luna16(tiny_root)
+    spec = PatchSpec(size=16, fov_mm=32.0)
+    good = build_cache(luna, spec, tmp_path, progress=False)
+    reference = np.asarray(good.patches).copy()
+    key = good.path.name
+    # 1) an unfinished build of a dead process is never trusted and gets cleaned up
+    shutil.rmtree(good.path)
+    stale = tmp_path / f"{key}.tmp-999999"
+    stale.mkdir()
+    (stale / "patches.u8").write_bytes(b"\0" * 100)
+    rebuilt = build_cache(luna, spec, tmp_path, progress=False)
+    assert not stale.exists()
+    np.testing.assert_array_equal(np.asarray(rebuilt.patches), reference)
+    # 2) a final folder whose patch file was cut short is detected and rebuilt
+    pfile = rebuilt.path / "patches.u8"
+    del rebuilt
+    with open(pfile, "r+b") as fh:
+        fh.truncate(pfile.stat().st_size // 2)
+    with pytest.raises(DataError, match="damaged"):
+        open_cache(pfile.parent)
+    again = build_cache(luna, spec, tmp_path, progress=False)
+    np.testing.assert_array_equal(np.asarray(again.patches), reference)
+    # 3) a folder without a complete meta.json is not a cache
+    meta = json.loads((again.path / "meta.json").read_text())
+    meta["complete"] = False
+    (again.path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match="incomplete"):
+        open_cache(again.path)
+
+
+def test_parallel_build_equals_serial_build(tiny_root, tmp_path):
+    luna = load_luna16(tiny_root)
+    spec = PatchSpec(size=16, fov_mm=32.0)
+    serial = build_cache(luna, spec, tmp_path / "a", workers=1, progress=False)
+    parallel = build_cache(luna, spec, tmp_path / "b", workers=2, progress=False)
+    np.testing.assert_array_equal(np.asarray(serial.patches), np.asarray(parallel.patches))
+    np.testing.assert_array_equal(serial.label, parallel.label)
+
+
+def test_bad_scan_is_skipped_and_reported_or_fails_the_run(tiny_root, tmp_path):
+    root = tmp_path / "luna"
+    shutil.copytree(tiny_root, root)
+    victim = next((root / "subset2").glob("*.raw"))
+    victim.write_bytes(victim.read_bytes()[:1000])  # truncated
+    luna = load_luna16(root)
+    spec = PatchSpec(size=16, fov_mm=32.0)
+    with pytest.raises(DataError, match=rf"{victim.stem}.*truncated"):
+        build_cache(luna, spec, tmp_path / "c1", on_bad_scan="fail", progress=False)
+    assert not any((tmp_path / "c1").glob("*/meta.json"))  # nothing half-written is left to trust
+    cache = build_cache(luna, spec, tmp_path / "c2", on_bad_scan="skip", progress=False)
+    assert victim.stem in cache.meta["skipped_scans"]
+    assert "truncated" in cache.meta["skipped_scans"][victim.stem]
+    assert victim.stem not in set(cache.seriesuid)  # never silently zero-filled
+    assert len(cache) == int((luna.candidates.seriesuid != victim.stem).sum())
+
+
+def test_negative_cap_keeps_every_positive(tiny_root, tmp_path):
+    luna = load_luna16(tiny_root)
+    cache = build_cache(luna, PatchSpec(size=16, fov_mm=32.0), tmp_path, max_neg_per_scan=3, progress=False)
+    assert cache.label.sum() == luna.candidates.label.sum()
+    for uid in set(cache.seriesuid):
+        assert ((cache.seriesuid == uid) & (cache.label == 0)).sum() <= 3

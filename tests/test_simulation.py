@@ -1,0 +1,82 @@
+"""Real federations: Flower's simulation engine on Ray, through sim/run.py as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sim(tmp_path: Path, tiny_root: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "LUNAFL_HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, str(ROOT / "sim" / "run.py"), "--data", str(tiny_root),
+           "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "runs"), "--image-size", "32",
+           "--arch", "resnet10", "--batch-size", "8", "--workers", "1", "--seed", "3", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if proc.returncode != 0:
+        raise AssertionError(f"sim/run.py failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_three_sites_train_and_a_nan_site_is_rejected(tmp_path, tiny_root):
+    proc = sim(tmp_path, tiny_root, "--clients", "3", "--rounds", "2", "--local-epochs", "1",
+               "--inject", "site-2:nan", "--run-name", "r")
+    run = tmp_path / "runs" / "r"
+    rounds = rows(run / "rounds.jsonl")
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    for r in rounds[1:]:
+        assert r["rejected_sites"] == ["site-2"] and r["sites_trained"] == 2
+        assert 0.0 <= r["test_roc_auc"] <= 1.0 and np.isfinite(r["test_loss"])
+        assert r["wall_seconds"] > 0 and r["site_train_seconds"] > 0
+    events = rows(run / "events.jsonl")
+    trained = {(e["round"], e["site"]) for e in events if e["kind"] == "train"}
+    assert trained == {(1, "site-0"), (1, "site-1"), (2, "site-0"), (2, "site-1")}  # per-site metrics kept
+    assert {e["site"] for e in events if e["kind"] == "evaluate"} == {"site-0", "site-1", "site-2"}
+    assert any("site-2" in e["site"] and "NaN" in e["reason"] for e in events if e["kind"] == "rejected")
+    assert "[site site-2] update rejected" in proc.stderr
+    final = torch.load(run / "model_final.pt", weights_only=True)["model"]
+    assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc", "cpm"):
+        assert key in summary["test"]["metrics"] and key in summary["test"]["ci95"]
+    for name in ("config.json", "sites.json", "site_summary.csv", "submission.csv", "learning_curves.png",
+                 "roc.png", "froc.png", "log.txt"):
+        assert (run / name).stat().st_size > 0, name
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["round-0001.pt", "round-0002.pt"]
+    assert "Results:" in proc.stdout and "never for diagnosis" in proc.stdout
+
+
+def test_resume_gives_the_same_rounds_as_an_uninterrupted_run(tmp_path, tiny_root):
+    common = ("--clients", "2", "--local-epochs", "1", "--strategy", "fedadam")
+    sim(tmp_path, tiny_root, *common, "--rounds", "2", "--run-name", "whole")
+    sim(tmp_path, tiny_root, *common, "--rounds", "1", "--run-name", "cut")
+    # the second half, resumed from the checkpoint of round 1 (FedAdam's moments included)
+    sim(tmp_path, tiny_root, "--resume", str(tmp_path / "runs" / "cut"), "--rounds", "2")
+    a = torch.load(tmp_path / "runs" / "whole" / "model_final.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "runs" / "cut" / "model_final.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    ra, rb = rows(tmp_path / "runs" / "whole" / "rounds.jsonl"), rows(tmp_path / "runs" / "cut" / "rounds.jsonl")
+    assert [r["round"] for r in rb] == [0, 1, 2]  # no round skipped or counted twice
+    assert ra[2]["test_roc_auc"] == rb[2]["test_roc_auc"]
+
+
+def test_resume_with_a_different_config_is_a_clear_error(tmp_path, tiny_root):
+    sim(tmp_path, tiny_root, "--clients", "2", "--rounds", "1", "--local-epochs", "1", "--run-name", "x")
+    env = {**os.environ, "LUNAFL_HOME": str(tmp_path / "home")}
+    proc = subprocess.run([sys.executable, str(ROOT / "sim" / "run.py"), "--resume", str(tmp_path / "runs" / "x"),
+                           "--lr", "0.5"], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2
+    assert "cannot resume with a different configuration" in proc.stderr and "--lr" in proc.stderr

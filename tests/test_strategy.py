@@ -1,0 +1,130 @@
+"""The Guard around Flower's strategies, with hand-computed arrays (no Ray, no network)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from common.config import RunConfig
+from server.strategy import Guard, RoundFailed, export_state, import_state, make_strategy
+
+GLOBAL = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32), "n": np.array(0, np.int64)}
+
+
+@pytest.fixture(autouse=True)
+def _identity():
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+
+
+def reply(node: int, arrays: dict, n: float, error: str | None = None) -> Message:
+    ask = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type=MessageType.TRAIN)
+    if error:
+        return Message(Error(code=1, reason=error), reply_to=ask)
+    content = RecordDict({"arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}),
+                          "metrics": MetricRecord({"num-examples": n, "train-loss": 0.5}),
+                          "site": ConfigRecord({"site": f"site-{node}"})})
+    return Message(content, reply_to=ask)
+
+
+def guard(strategy="fedavg", limits=None, **cfg) -> Guard:
+    c = RunConfig(strategy=strategy, clients=4, **cfg)
+    sites = {k: f"site-{k}" for k in range(1, 6)}
+    g = Guard(make_strategy(c, 4), c, GLOBAL, sites, limits or {s: 1000 for s in sites.values()})
+    g._log(1).sampled = [f"site-{k}" for k in range(1, 5)]
+    return g
+
+
+def arrays(seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    return {"w": rng.normal(size=(2, 3)).astype(np.float32), "b": rng.normal(size=3).astype(np.float32),
+            "n": np.array(seed, np.int64)}
+
+
+def test_aggregate_is_the_example_weighted_mean():
+    a, b, c = arrays(1), arrays(2), arrays(3)
+    out, _ = guard().aggregate_train(1, [reply(1, a, 10), reply(2, b, 30), reply(3, c, 60)])
+    w = np.array([10, 30, 60]) / 100
+    for k in ("w", "b"):
+        expected = w[0] * a[k] + w[1] * b[k] + w[2] * c[k]
+        np.testing.assert_allclose(out[k].numpy(), expected, rtol=1e-6)
+
+
+def test_reply_order_does_not_change_the_aggregate():
+    reps = lambda: [reply(1, arrays(1), 10), reply(2, arrays(2), 30), reply(3, arrays(3), 60)]  # noqa: E731
+    x, _ = guard().aggregate_train(1, reps())
+    y, _ = guard().aggregate_train(1, reps()[::-1])
+    for k in x:
+        np.testing.assert_array_equal(x[k].numpy(), y[k].numpy())
+
+
+@pytest.mark.parametrize("bad,why", [
+    ({**arrays(9), "w": np.full((2, 3), np.nan, np.float32)}, "NaN or Inf"),
+    ({**arrays(9), "b": np.full(3, np.inf, np.float32)}, "NaN or Inf"),
+    ({**arrays(9), "w": np.zeros((3, 3), np.float32)}, "shape"),
+    ({k: v for k, v in arrays(9).items() if k != "b"}, "missing"),
+    ({**arrays(9), "extra": np.zeros(1, np.float32)}, "unexpected"),
+])
+def test_bad_updates_are_rejected_and_the_rest_aggregated(bad, why, caplog):
+    g = guard()
+    a, b = arrays(1), arrays(2)
+    out, _ = g.aggregate_train(1, [reply(1, a, 10), reply(2, b, 30), reply(4, bad, 50)])
+    for k in ("w", "b"):
+        np.testing.assert_allclose(out[k].numpy(), 0.25 * a[k] + 0.75 * b[k], rtol=1e-6)
+    assert "site-4" in g.rounds[1].rejected and why in g.rounds[1].rejected["site-4"]
+    assert "site-4" in caplog.text and "rejected" in caplog.text
+
+
+def test_inflated_example_count_is_rejected():
+    g = guard(limits={f"site-{k}": 100 for k in range(1, 6)})
+    a, b = arrays(1), arrays(2)
+    out, _ = g.aggregate_train(1, [reply(1, a, 50), reply(2, b, 50), reply(3, arrays(3), 10_000)])
+    np.testing.assert_allclose(out["w"].numpy(), 0.5 * a["w"] + 0.5 * b["w"], rtol=1e-6)
+    assert "exceeds the site's training partition (100)" in g.rounds[1].rejected["site-3"]
+
+
+def test_failing_site_is_named_and_quorum_enforced(caplog):
+    g = guard()
+    out, _ = g.aggregate_train(1, [reply(1, arrays(1), 10), reply(2, arrays(2), 10),
+                                   reply(3, {}, 0, error="Exception: disk full")])
+    assert out is not None and "disk full" in g.rounds[1].failed["site-3"]
+    assert "[site site-3] failed: Exception: disk full" in caplog.text
+    assert "site-4" in g.rounds[1].failed  # sampled, never answered
+    g2 = guard(min_fit_clients=3)
+    with pytest.raises(RoundFailed, match=r"only 2 valid update\(s\) of 4 sampled sites, at least 3"):
+        g2.aggregate_train(1, [reply(1, arrays(1), 10), reply(2, arrays(2), 10), reply(3, {}, 0, error="x")])
+
+
+def test_robust_strategy_resists_a_scaled_sign_flipped_update():
+    honest = [arrays(k) for k in (1, 2, 3, 4)]
+    attack = {k: (-50 * v if v.dtype.kind == "f" else v) for k, v in arrays(5).items()}
+    reps = [reply(k + 1, a, 10) for k, a in enumerate(honest)] + [reply(5, attack, 10)]
+    g = guard("fedmedian")
+    g._log(1).sampled.append("site-5")
+    out, _ = g.aggregate_train(1, reps)
+    med = np.median(np.stack([h["w"] for h in honest] + [attack["w"]]), axis=0)
+    np.testing.assert_allclose(out["w"].numpy(), med, rtol=1e-6)
+    assert np.abs(out["w"].numpy()).max() < 5  # the attacker did not drag the model away
+
+
+def test_half_precision_on_the_wire_is_decoded_to_float32():
+    from common import wire
+
+    a, b = arrays(1), arrays(2)
+    g = guard(update_dtype="bfloat16")
+    out, _ = g.aggregate_train(1, [reply(1, wire.encode(a, "bfloat16"), 10), reply(2, wire.encode(b, "bfloat16"), 10)])
+    assert out["w"].numpy().dtype == np.float32
+    np.testing.assert_allclose(out["w"].numpy(), 0.5 * (a["w"] + b["w"]), rtol=1e-2, atol=1e-2)
+
+
+def test_strategy_state_survives_export_and_import():
+    c = RunConfig(strategy="fedadam", clients=2)
+    s1 = make_strategy(c, 2)
+    s1.current_arrays = {"w": np.ones(3)}
+    s1.m_t, s1.v_t = {"w": np.full(3, 0.1)}, {"w": np.full(3, 0.2)}
+    s2 = make_strategy(c, 2)
+    import_state(s2, export_state(s1))
+    np.testing.assert_array_equal(s2.m_t["w"], s1.m_t["w"])
+    np.testing.assert_array_equal(s2.v_t["w"], s1.v_t["w"])
+    np.testing.assert_array_equal(s2.current_arrays["w"], s1.current_arrays["w"])
