@@ -254,11 +254,18 @@ class Guard(Strategy):
         arrays, metrics = self.inner.aggregate_train(rnd, [m for _, m in accepted])
         if arrays is None:
             raise RoundFailed(f"round {rnd}: the {self.cfg.strategy} strategy produced no global model")
+        out = {}
         for k, v in arrays.items():
             a = v.numpy()
             if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
                 raise RoundFailed(f"round {rnd}: the aggregated {k} holds NaN or Inf")
-        return arrays, metrics
+            # Back to the model's dtypes: FedAdam/FedYogi return float64 (NumPy promotes
+            # their float64 step size), which would double the traffic and make a
+            # resumed run (restored from the float32 checkpoint) drift from an
+            # uninterrupted one. Integer buffers (BatchNorm counters) are rounded.
+            ref = self.reference[k].dtype
+            out[k] = np.asarray(np.rint(a) if np.issubdtype(ref, np.integer) else a).astype(ref, copy=False)
+        return ArrayRecord({k: Array(v) for k, v in out.items()}), metrics
 
     # ---- evaluation ----
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
