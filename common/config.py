@@ -77,6 +77,9 @@ class RunConfig:
     test_subsets: str = _f("9", "LUNA16 subsets held out as the test split (comma list)")
     val_fraction: float = _f(0.2, "share of each site's patients kept for its local validation")
     # --- federation -------------------------------------------------------------------
+    federation: str = _f("simulation", "simulation (sites are partitions of --data) or deployment (each "
+                         "SuperNode reads its own data-path; --data, if given, is the server's test set)",
+                         choices=("simulation", "deployment"))
     strategy: str = _f("fedavg", "Flower strategy", choices=STRATEGIES)
     fraction_fit: float = _f(1.0, "share of sites sampled for training each round")
     fraction_evaluate: float = _f(1.0, "share of sites sampled for federated evaluation each round")

@@ -61,13 +61,21 @@ class Prepared:
 
 
 def prepare(cfg: RunConfig, progress: bool = True) -> Prepared:
+    """Data root, patch cache and site plan. In deployment the sites bring their own data;
+    ``--data`` (if given) is then only the server's held-out test set."""
     root = resolve_root(cfg, progress)
     luna = load_luna16(root)
     cache = build_cache(luna, patch_spec(cfg), cfg.cache_root(), workers=cfg.workers, on_bad_scan=cfg.on_bad_scan,
                         max_neg_per_scan=cfg.max_neg_per_scan, seed=cfg.seed, progress=progress)
     infos = scan_infos(cache.seriesuid, cache.subset, cache.label, luna.metadata)
-    plan = make_plan(infos, cfg.clients, cfg.partition, seed=cfg.seed, alpha=cfg.alpha,
-                     test_subsets=cfg.test_subset_list(), val_fraction=cfg.val_fraction)
+    if cfg.federation == "deployment":
+        tests = set(cfg.test_subset_list())
+        plan = SitePlan("deployment", cfg.seed, [], sorted(s.seriesuid for s in infos if s.subset in tests))
+        if not plan.test:
+            raise ValueError(f"--data {root}: no scans in --test-subsets {cfg.test_subsets} for the server's test set")
+    else:
+        plan = make_plan(infos, cfg.clients, cfg.partition, seed=cfg.seed, alpha=cfg.alpha,
+                         test_subsets=cfg.test_subset_list(), val_fraction=cfg.val_fraction)
     return Prepared(root, luna, cache, infos, plan)
 
 

@@ -62,6 +62,8 @@ def setup(cfg: RunConfig, resume: str = "", progress: bool = True, with_data: bo
         log.info("resuming %s after round %d of %d", run.path, done, cfg.rounds)
     else:
         run = RunDir.create(cfg)
+    # In deployment the server needs data only for its own held-out test set.
+    with_data = with_data and (cfg.federation == "simulation" or bool(cfg.data))
     prepared = prepare(cfg, progress=progress) if with_data else None
     extra: dict[str, Any] = {}
     if prepared is not None:
@@ -80,7 +82,7 @@ def base_config(sr: ServerRun) -> ConfigRecord:
     """What every message to a site carries: the whole config and, in simulation, where
     the shared cache and the site plan are."""
     rec: dict[str, Any] = {"run-config": sr.cfg.to_json()}
-    if sr.prepared is not None:
+    if sr.prepared is not None and sr.cfg.federation == "simulation":
         rec["plan-path"] = str(sr.run.path / "sites.json")
         rec["cache-path"] = str(sr.prepared.cache.path)
     return ConfigRecord(rec)

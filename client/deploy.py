@@ -1,0 +1,56 @@
+"""A hospital's own data in deployment: the SuperNode's node config names it.
+
+Node config keys (``flower-supernode --node-config "k=v k2=v2"``):
+
+``site-name``  the hospital's name in the federation's logs and results (required)
+``data-path``  its LUNA16-format folder (subset*/, annotations.csv, candidates); read only
+``cache-path`` a writable folder for its patch cache (default: ``<LUNAFL_HOME>/site-cache``)
+
+The ClientApp reads only these paths; there is no partition arithmetic. The site's own
+patients are split into training and validation by patient (``--val-fraction``), with
+the run's seed, the same way every round.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from common.cache import build_cache
+from common.config import RunConfig, default_home
+from common.data import patch_spec
+from common.luna16 import load_luna16
+
+from .site import SiteData, SiteError
+
+_lock = threading.Lock()
+_sites: dict[tuple, SiteData] = {}
+
+
+def deployed_site(cfg: RunConfig, node: Mapping[str, object]) -> SiteData:
+    """This SuperNode's site (built once per process and settings, then kept warm)."""
+    name = str(node.get("site-name", "")).strip()
+    if not name:
+        raise SiteError("node config lacks site-name (start the SuperNode with --node-config "
+                        "\"site-name=<hospital> data-path=<folder>\")")
+    data_path = Path(str(node["data-path"]))
+    if not data_path.is_dir():
+        raise SiteError(f"[site {name}] data-path {data_path} is not a folder on this node")
+    cache_path = Path(str(node.get("cache-path", default_home() / "site-cache")))
+    key = (name, str(data_path), str(cache_path), cfg.fingerprint("image_size", "fov_mm", "hu_min", "hu_max",
+                                                                  "max_neg_per_scan", "seed", "val_fraction"))
+    with _lock:
+        if key not in _sites:
+            luna = load_luna16(data_path)
+            cache = build_cache(luna, patch_spec(cfg), cache_path, workers=cfg.workers, on_bad_scan=cfg.on_bad_scan,
+                                max_neg_per_scan=cfg.max_neg_per_scan, seed=cfg.seed, progress=False)
+            scans = np.array(cache.scan_ids(), dtype=object)
+            rng = np.random.default_rng([cfg.seed, 17])
+            rng.shuffle(scans)
+            n_val = max(1, int(round(len(scans) * cfg.val_fraction))) if len(scans) >= 2 else 0
+            val, train = sorted(scans[:n_val]), sorted(scans[n_val:])
+            _sites[key] = SiteData(name, cache, cache.rows_of(train), cache.rows_of(val))
+        return _sites[key]
