@@ -118,7 +118,7 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
 
 def get_arrays(model: nn.Module) -> dict[str, np.ndarray]:
     """The model's state as numpy arrays (without Opacus' prefix): what leaves a site."""
-    return {k: v.detach().cpu().numpy() for k, v in strip_prefixes(model.state_dict()).items()}
+    return {k: v.detach().cpu().numpy().copy() for k, v in strip_prefixes(model.state_dict()).items()}
 
 
 def set_arrays(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:

@@ -1,0 +1,41 @@
+"""The data commands as a user types them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str, env_home: Path) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env={**os.environ, "LUNAFL_HOME": str(env_home)})
+
+
+def test_make_data_then_prepare(tmp_path):
+    out = tmp_path / "luna"
+    p = run("sim/make_data.py", "--out", str(out), "--scans", "12", "--seed", "5", env_home=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert (out / "candidates_V2.csv").exists() and (out / "seriesuids.csv").exists()
+    again = run("sim/make_data.py", "--out", str(out), "--scans", "12", "--seed", "5", env_home=tmp_path)
+    assert again.returncode == 0  # same settings: reused, not remade
+    clash = run("sim/make_data.py", "--out", str(out), "--scans", "13", "--seed", "5", env_home=tmp_path)
+    assert clash.returncode == 2 and "choose another --out" in clash.stderr
+    p = run("sim/prepare.py", "--data", str(out), "--cache", str(tmp_path / "cache"), "--workers", "2",
+            "--clients", "2", "--image-size", "16", env_home=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "site-0" in p.stdout and "site-1" in p.stdout and "held out" in p.stdout
+    assert "patches/s" in p.stdout
+
+
+def test_prepare_names_a_bad_data_folder(tmp_path):
+    p = run("sim/prepare.py", "--data", str(tmp_path), "--cache", str(tmp_path / "c"), env_home=tmp_path)
+    assert p.returncode == 2 and "no subset*/<seriesuid>.mhd files found" in p.stderr
+    p = run("sim/run.py", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r"), env_home=tmp_path)
+    assert p.returncode == 2 and "no such folder" in p.stderr
+    p = run("sim/run.py", "--strategy", "fedsgd", env_home=tmp_path)
+    assert p.returncode == 2 and "invalid choice" in p.stderr

@@ -1,0 +1,53 @@
+"""`flwr run .` with a local simulation federation: the Flower App as Flower's CLI runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_flwr_run_with_a_local_simulation_federation(tmp_path, tiny_root):
+    home = tmp_path / "flwr"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
+        "options.num-supernodes = 2\noptions.backend.client-resources.num-cpus = 1\n"
+        "options.backend.client-resources.num-gpus = 0.0\n")
+    bindir = str(Path(sys.executable).parent)
+    env = {**os.environ, "FLWR_HOME": str(home), "PATH": bindir + os.pathsep + os.environ["PATH"],
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_TELEMETRY_ENABLED": "0",
+           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+           "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()), "LUNAFL_HOME": str(tmp_path / "home")}
+    out = tmp_path / "runs"
+    overrides = (f'data="{tiny_root}" cache-dir="{tmp_path / "cache"}" out="{out}" run-name="flwr" '
+                 'image-size=32 arch="resnet10" clients=2 rounds=1 local-epochs=1 batch-size=8 workers=1 seed=3')
+    try:
+        proc = subprocess.run([str(Path(bindir) / "flwr"), "run", ".", "local", "--stream", "--run-config",
+                               overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        summary = json.loads((out / "flwr" / "summary.json").read_text())
+        assert summary["mode"] == "federated" and set(summary["sites"]) == {"site-0", "site-1"}
+        rounds = [json.loads(x) for x in (out / "flwr" / "rounds.jsonl").read_text().splitlines()]
+        assert [r["round"] for r in rounds] == [0, 1] and rounds[1]["sites_trained"] == 2
+    finally:
+        for p in psutil.process_iter(["cmdline"]):
+            if str(home) in " ".join(p.info["cmdline"] or []):
+                for q in [*p.children(recursive=True), p]:
+                    try:
+                        q.kill()
+                    except psutil.NoSuchProcess:
+                        pass
