@@ -46,7 +46,8 @@ def site_data(cfg: RunConfig, rec: ConfigRecord, context: Context) -> SiteData:
     if "partition-id" not in node:
         raise SiteError("this node has neither a data-path (deployment) nor a partition-id (simulation) "
                         "in its node config")
-    return simulated_site(cfg, int(node["partition-id"]), str(rec["plan-path"]), str(rec["cache-path"]))
+    return simulated_site(cfg, int(node["partition-id"]), str(rec["plan-path"]), str(rec["cache-path"]),
+                          str(rec.get("state-path", "")))
 
 
 def _arrays_in(msg: Message, cfg: RunConfig) -> dict:
@@ -88,6 +89,7 @@ def train(msg: Message, context: Context) -> Message:
     deadline = float(rec["deadline"]) if "deadline" in rec else None
     arrays, metrics = train_site(cfg, data, _arrays_in(msg, cfg), server_round, deadline=deadline)
     metrics["num-examples"] = float(data.train_size(cfg)) * metrics.pop("inflate-factor", 1.0)
+    metrics["unit-weight"] = 1.0  # equal weights, for client-level (central) DP accounting
     encoded = wire.encode(arrays, cfg.update_dtype)
     metrics["bytes-sent"] = float(wire.nbytes(encoded))
     metrics["finished-at"] = time.time()
@@ -101,4 +103,5 @@ def evaluate(msg: Message, context: Context) -> Message:
     data = site_data(cfg, rec, context)
     metrics = evaluate_site(cfg, data, _arrays_in(msg, cfg))
     metrics["num-examples"] = float(len(data.val))
+    metrics["unit-weight"] = 1.0
     return _reply(msg, {"metrics": MetricRecord(metrics), "site": ConfigRecord({"site": data.name})})

@@ -5,6 +5,8 @@ Node config keys (``flower-supernode --node-config "k=v k2=v2"``):
 ``site-name``  the hospital's name in the federation's logs and results (required)
 ``data-path``  its LUNA16-format folder (subset*/, annotations.csv, candidates); read only
 ``cache-path`` a writable folder for its patch cache (default: ``<LUNAFL_HOME>/site-cache``)
+``state-path`` a writable folder for what outlives a round, e.g. the privacy ledger
+               (default: ``<cache-path>/state``)
 
 The ClientApp reads only these paths; there is no partition arithmetic. The site's own
 patients are split into training and validation by patient (``--val-fraction``), with
@@ -52,5 +54,6 @@ def deployed_site(cfg: RunConfig, node: Mapping[str, object]) -> SiteData:
             rng.shuffle(scans)
             n_val = max(1, int(round(len(scans) * cfg.val_fraction))) if len(scans) >= 2 else 0
             val, train = sorted(scans[:n_val]), sorted(scans[n_val:])
-            _sites[key] = SiteData(name, cache, cache.rows_of(train), cache.rows_of(val))
+            state = Path(str(node.get("state-path", cache_path / "state")))
+            _sites[key] = SiteData(name, cache, cache.rows_of(train), cache.rows_of(val), state)
         return _sites[key]

@@ -25,6 +25,7 @@ from common.config import RunConfig
 from common.dataset import epoch_size, eval_loader, train_loader
 from common.engine import evaluate, prepare, proximal_term, train_one_epoch
 from common.partition import SitePlan
+from common.privacy import LocalDP
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class SiteData:
     cache: PatchCache
     train: np.ndarray  # positions in the cache index
     val: np.ndarray
+    state_dir: Path | None = None  # where the site keeps what must outlive a round (privacy ledger)
 
     def train_size(self, cfg: RunConfig) -> int:
         return epoch_size(self.cache, self.train, cfg.neg_ratio)
@@ -75,11 +77,13 @@ class Warm:
             return cls._models[key]
 
 
-def simulated_site(cfg: RunConfig, partition_id: int, plan_path: str, cache_path: str) -> SiteData:
+def simulated_site(cfg: RunConfig, partition_id: int, plan_path: str, cache_path: str, state_path: str = ""
+                   ) -> SiteData:
     plan = Warm.plan(plan_path)
     site = plan.site(partition_id)
     cache = Warm.cache(cache_path)
-    return SiteData(site.name, cache, cache.rows_of(site.train), cache.rows_of(site.val))
+    return SiteData(site.name, cache, cache.rows_of(site.train), cache.rows_of(site.val),
+                    Path(state_path) if state_path else None)
 
 
 def site_seed(cfg: RunConfig, site: str, server_round: int, salt: int = 0) -> int:
@@ -97,29 +101,50 @@ def fails_at_random(cfg: RunConfig, site: str, server_round: int) -> bool:
 
 def train_site(cfg: RunConfig, data: SiteData, arrays: dict[str, np.ndarray], server_round: int, *,
                deadline: float | None = None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """Local training for one round: returns the new weights and the round's metrics."""
+    """Local training for one round: returns the new weights and the round's metrics.
+
+    With ``--dp local`` the same engine runs on Opacus' wrapped model, optimizer, loss and
+    Poisson-sampling loader (:mod:`common.privacy`); everything else is identical.
+    """
     injected = cfg.injections().get(data.name)
     if injected == "crash":
         raise SiteError(f"[site {data.name}] injected crash in round {server_round} (--inject)")
     device = model_lib.resolve_device(cfg.device)
     seed = site_seed(cfg, data.name, server_round)
-    torch.manual_seed(seed)
     model = Warm.model(cfg, device)
     model_lib.set_arrays(model, arrays)
+    # Seed after the (possibly first) model build, which draws from the same generator:
+    # Opacus' Poisson sampler uses it, and a warm and a fresh process must draw alike.
+    torch.manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     extra = proximal_term(model, cfg.proximal_mu) if cfg.strategy == "fedprox" else None
     prefix = f"[site {data.name}] [round {server_round}] "
+
+    def loader(epoch: int):
+        return train_loader(data.cache, data.train, batch_size=cfg.batch_size, neg_ratio=cfg.neg_ratio,
+                            augment=cfg.augment, seed=seed + epoch)
+
+    dp = local_dp(cfg, data, len(loader(0))) if cfg.dp == "local" else None
+    if dp is not None:
+        dp.check_budget(server_round)
     t0 = time.perf_counter()
     stats: list[dict[str, float]] = []
-    for epoch in range(cfg.local_epochs):
-        loader = train_loader(data.cache, data.train, batch_size=cfg.batch_size, neg_ratio=cfg.neg_ratio,
-                              augment=cfg.augment, seed=seed + epoch)
-        st = train_one_epoch(model, loader, optimizer, device, amp=cfg.amp, extra_loss=extra,
-                             deadline=deadline, log_prefix=prefix,
-                             after_step=(lambda: time.sleep(2.0)) if injected == "slow" else None)
-        stats.append(st)
-        log.info("%sepoch %d/%d: loss %.4f, %d examples, %.1f img/s", prefix, epoch + 1, cfg.local_epochs,
-                 st["loss"], st["examples"], st["images_per_s"])
+    train_model, criterion = model, None
+    try:
+        for epoch in range(cfg.local_epochs):
+            epoch_loader = loader(epoch)
+            if dp is not None and epoch == 0:
+                train_model, optimizer, criterion, epoch_loader = dp.attach(model, optimizer, epoch_loader, seed)
+            elif dp is not None:
+                epoch_loader = dp.loader(epoch_loader, seed + epoch)
+            st = train_one_epoch(train_model, epoch_loader, optimizer, device, amp=cfg.amp and dp is None,
+                                 extra_loss=extra, deadline=deadline, log_prefix=prefix, criterion=criterion,
+                                 after_step=(lambda: time.sleep(2.0)) if injected == "slow" else None)
+            stats.append(st)
+            log.info("%sepoch %d/%d: loss %.4f, %d examples, %.1f img/s", prefix, epoch + 1, cfg.local_epochs,
+                     st["loss"], st["examples"], st["images_per_s"])
+    finally:
+        privacy = dp.detach(server_round) if dp is not None else None  # steps taken are spent, even on error
     examples = sum(s["examples"] for s in stats)
     metrics = {
         "train-loss": float(np.average([s["loss"] for s in stats], weights=[s["examples"] or 1 for s in stats])),
@@ -127,10 +152,24 @@ def train_site(cfg: RunConfig, data: SiteData, arrays: dict[str, np.ndarray], se
         "train-examples": float(examples),
         "images-per-s": examples / max(sum(s["seconds"] for s in stats), 1e-9),
     }
+    if privacy is not None:
+        metrics.update({"dp-epsilon": privacy["epsilon"], "dp-delta": privacy["delta"],
+                        "dp-noise": privacy["noise_multiplier"], "dp-steps": float(privacy["steps"]),
+                        "dp-sample-rate": privacy["sample_rate"]})
     out = model_lib.get_arrays(model)
     if injected:
         out = misbehave(injected, out, arrays, metrics)
     return out, metrics
+
+
+def local_dp(cfg: RunConfig, data: SiteData, batches_per_epoch: int) -> LocalDP:
+    if data.state_dir is None:
+        raise SiteError(f"[site {data.name}] --dp local needs a state folder for the privacy ledger "
+                        "(deployment: node config state-path)")
+    return LocalDP(data.name, n_patches=len(data.train), batches_per_epoch=batches_per_epoch,
+                   local_epochs=cfg.local_epochs, rounds=cfg.rounds, clip=cfg.dp_clip, noise=cfg.dp_noise,
+                   target_epsilon=cfg.dp_epsilon, delta=cfg.dp_delta, grad_sample_mode=cfg.dp_grad_sample_mode,
+                   ledger_path=data.state_dir / f"{data.name}.privacy.json")
 
 
 def misbehave(kind: str, local: dict[str, np.ndarray], global_: dict[str, np.ndarray],

@@ -8,6 +8,7 @@ extra loss term (:func:`proximal_term`).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -65,10 +66,16 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
                     device: torch.device, *, amp: bool = False,
                     extra_loss: Callable[[nn.Module], torch.Tensor] | None = None,
                     deadline: float | None = None, log_prefix: str = "", progress: bool = False,
-                    after_step: Callable[[], None] | None = None) -> dict[str, float]:
-    """One pass over ``loader`` with BCE on one logit; returns loss, examples, seconds, img/s."""
+                    after_step: Callable[[], None] | None = None,
+                    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+                    ) -> dict[str, float]:
+    """One pass over ``loader`` with BCE on one logit; returns loss, examples, seconds, img/s.
+
+    ``criterion`` (mean over the batch) defaults to BCE-with-logits; DP training passes
+    Opacus' wrapped criterion here, which runs both backward passes of ghost clipping.
+    """
     model.train()
-    criterion = nn.BCEWithLogitsLoss(reduction="sum")
+    criterion = criterion or nn.BCEWithLogitsLoss()
     total_loss, seen, t0 = 0.0, 0, time.perf_counter()
     data_time = 0.0
     channels_last = amp_active(device, amp)
@@ -92,18 +99,18 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         optimizer.zero_grad(set_to_none=True)
         with _autocast(device, amp):
             logits = model(x).reshape(-1).float()
-        loss_sum = criterion(logits, y)
-        loss = loss_sum / len(y)
+        loss = criterion(logits, y)
+        data_loss = float(loss.detach())
         if extra_loss is not None:
             loss = loss + extra_loss(model)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{log_prefix}training loss became {loss.item()} at step {step}; "
+        if not math.isfinite(data_loss):
+            raise FloatingPointError(f"{log_prefix}training loss became {data_loss} at step {step}; "
                                      "lower --lr or check the input data")
         loss.backward()
         optimizer.step()
         if after_step is not None:
             after_step()
-        total_loss += float(loss_sum.detach())
+        total_loss += data_loss * len(y)
         seen += len(y)
         if bar is not None:
             bar.update(1)

@@ -57,7 +57,9 @@ class TestSplit:
                 for u, (x, y, z), pr in zip(self.seriesuid, self.xyz, p, strict=True)]
 
     def cpm(self, logits: np.ndarray, n_bootstrap: int = 0, seed: int = 0) -> froc.FROCResult | None:
-        if not self.nodules:
+        if not self.nodules or not np.isfinite(logits).all():
+            if not np.isfinite(logits).all():
+                log.warning("the model gives non-finite outputs on the test split; CPM is undefined")
             return None
         return froc.compute_froc(self.marks(logits), self.nodules, self.scans, self.excluded,
                                  n_bootstrap=n_bootstrap, seed=seed)

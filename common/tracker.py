@@ -75,6 +75,10 @@ class RunTracker:
         if "test_roc_auc" in row:
             parts.append(f"test AUC {row['test_roc_auc']:.3f} CPM {row.get('test_cpm', float('nan')):.3f} "
                          f"acc {row['test_accuracy']:.3f}")
+        if row.get("dp_epsilon_max") is not None:
+            parts.append(f"max site epsilon {row['dp_epsilon_max']:.2f}")
+        if row.get("dp_central_epsilon") is not None:
+            parts.append(f"central epsilon {row['dp_central_epsilon']:.2f}")
         if row.get("failed_sites"):
             parts.append(f"failed: {', '.join(row['failed_sites'])}")
         if row.get("rejected_sites"):

@@ -85,6 +85,7 @@ def base_config(sr: ServerRun) -> ConfigRecord:
     if sr.prepared is not None and sr.cfg.federation == "simulation":
         rec["plan-path"] = str(sr.run.path / "sites.json")
         rec["cache-path"] = str(sr.prepared.cache.path)
+        rec["state-path"] = str(sr.run.path / "site_state")
     return ConfigRecord(rec)
 
 
@@ -177,6 +178,9 @@ def federate(grid: Grid, sr: ServerRun) -> dict[str, Any]:
             return None  # the resumed model was evaluated before the interruption
         model_lib.set_arrays(model, {k: v.numpy() for k, v in arrays.items()})
         row = round_row(guard, rnd, slots) if rnd > 0 else {}
+        spent = getattr(strategy, "privacy_spent", lambda: None)()
+        if spent is not None and rnd > 0:
+            row["dp_central_epsilon"], row["dp_central_delta"] = spent.epsilon, spent.delta
         test = tracker.end_round(rnd, model, row, save)
         return MetricRecord({k: float(v) for k, v in test.items() if np.isfinite(v)})
 
@@ -187,9 +191,32 @@ def federate(grid: Grid, sr: ServerRun) -> dict[str, Any]:
                     train_config=train_cfg, evaluate_config=eval_cfg, evaluate_fn=evaluate_fn)
     else:
         log.info("all %d rounds are already done", cfg.rounds)
-    summary = tracker.finish(model, {"sites": info, "slots": slots, "mode": "federated", **sr.extra})
+    summary = tracker.finish(model, {"sites": info, "slots": slots, "mode": "federated",
+                                     "privacy": privacy_summary(sr, strategy), **sr.extra})
     log.info("results in %s", run.path)
     return summary
+
+
+def privacy_summary(sr: ServerRun, strategy) -> dict[str, Any]:
+    """How private the run was, as the field reports it (see common/privacy.py)."""
+    from common.privacy import ACCOUNTANT, PRIVACY_UNIT, Ledger
+
+    cfg = sr.cfg
+    if cfg.dp == "off":
+        return {"dp": "off", "note": "no differential privacy: weights trained on each site's patches leave it"}
+    if cfg.dp == "local":
+        ledgers = {p.name.split(".privacy")[0]: Ledger.load(p).report()
+                   for p in sorted((sr.run.path / "site_state").glob("*.privacy.json"))}
+        return {"dp": "local (sample-level DP-SGD at each site)", "unit": PRIVACY_UNIT, "accountant": ACCOUNTANT,
+                "clip": cfg.dp_clip, "target_epsilon": cfg.dp_epsilon or None, "sites": ledgers,
+                "epsilon_max": max((d["epsilon"] for d in ledgers.values()), default=None)}
+    spent = strategy.privacy_spent()
+    return {"dp": "central (client-level, Flower DifferentialPrivacyServerSideFixedClipping)",
+            "unit": "one site's whole update per round (client-level)",
+            "accountant": "RDP (Flower RdpAccountant via dp-accounting), no sampling amplification",
+            "noise_multiplier": cfg.dp_noise, "clip": cfg.dp_clip,
+            "epsilon": spent.epsilon if spent else None, "delta": spent.delta if spent else None,
+            "releases": spent.num_releases if spent else None}
 
 
 def round_row(guard: Guard, rnd: int, slots: int) -> dict[str, Any]:
@@ -214,6 +241,10 @@ def round_row(guard: Guard, rnd: int, slots: int) -> dict[str, Any]:
         "bytes_down": lg.bytes_down,
         "bytes_up": lg.bytes_up,
     }
+    eps = {site: m["dp-epsilon"] for site, m in lg.train.items() if "dp-epsilon" in m}
+    if eps:
+        row["dp_epsilon_max"] = max(eps.values())  # the largest spend of any site so far
+        row["dp_epsilon"] = eps
     if lg.train:
         w = np.array([m.get("num-examples", 1.0) for m in lg.train.values()])
         row["train_loss"] = float(np.average([m["train-loss"] for m in lg.train.values()], weights=w))

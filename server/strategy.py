@@ -17,6 +17,7 @@ a federation of hospitals needs and the 1.41 strategies lack:
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -84,7 +85,9 @@ def make_strategy(cfg: RunConfig, n_sites: int) -> Strategy:
     # already waited for every site once, and the Guard names the ones that drop out.
     common = dict(fraction_train=cfg.fraction_fit, fraction_evaluate=cfg.fraction_evaluate,
                   min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=quorum(cfg, n_sites),
-                  train_metrics_aggr_fn=nan_weighted_mean, evaluate_metrics_aggr_fn=nan_weighted_mean)
+                  train_metrics_aggr_fn=nan_weighted_mean, evaluate_metrics_aggr_fn=nan_weighted_mean,
+                  # client-level DP bounds each site's influence only with equal weights
+                  weighted_by_key="unit-weight" if cfg.dp == "central" else "num-examples")
     name = cfg.strategy
     strategy: Strategy
     if name == "fedavg":
@@ -105,9 +108,24 @@ def make_strategy(cfg: RunConfig, n_sites: int) -> Strategy:
         raise ValueError(f"strategy {name!r}: choose one of fedavg, fedprox, fedadam, fedyogi, fedmedian, "
                          "fedtrimmedavg, krum")
     if cfg.dp == "central":
-        sampled = max(1, int(n_sites * cfg.fraction_fit))
-        strategy = DifferentialPrivacyServerSideFixedClipping(strategy, cfg.dp_noise, cfg.dp_clip, sampled)
+        strategy = DifferentialPrivacyServerSideFixedClipping(strategy, cfg.dp_noise, cfg.dp_clip, n_sites,
+                                                              accountant=central_accountant(cfg, n_sites))
     return strategy
+
+
+def central_accountant(cfg: RunConfig, n_sites: int):
+    """Flower's RDP accountant for client-level DP: every site takes part in every round
+    (no sampling amplification), updates are averaged with equal weights."""
+    from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
+    from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+    if cfg.fraction_fit != 1.0:
+        raise ValueError("--dp central accounts rounds where every site takes part; use --fraction-fit 1")
+    conf = PrivacyConfig(target_delta=cfg.dp_delta or 1.0 / (10 * n_sites), population_size=n_sites,
+                         neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                         sampling_method=SamplingMethod.NO_AMPLIFICATION,
+                         max_epsilon=cfg.dp_epsilon or None)
+    return RdpAccountant(conf)
 
 
 @dataclass
@@ -377,6 +395,9 @@ def export_state(strategy: Strategy) -> dict:
             value = getattr(s, name, None)
             if value is not None and (saved := _to_saveable(value)) is not None:
                 out[f"{depth}.{name}"] = saved
+        accountant = getattr(s, "accountant", None)
+        if accountant is not None and hasattr(accountant, "state_dict"):
+            out[f"{depth}.accountant"] = json.dumps(accountant.state_dict())
         s = getattr(s, "strategy", None) or getattr(s, "inner", None)
         depth += 1
     return out
@@ -390,5 +411,7 @@ def import_state(strategy: Strategy, state: dict) -> None:
             key = f"{depth}.{name}"
             if key in state:
                 setattr(s, name, _from_saveable(state[key]))
+        if f"{depth}.accountant" in state and getattr(s, "accountant", None) is not None:
+            s.accountant.load_state_dict(json.loads(state[f"{depth}.accountant"]))  # type: ignore[attr-defined]
         s = getattr(s, "strategy", None) or getattr(s, "inner", None)
         depth += 1

@@ -6,19 +6,53 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def sim(tmp_path: Path, tiny_root: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def sim_cmd(tmp_path: Path, tiny_root: Path, *args: str) -> tuple[list[str], dict]:
     env = {**os.environ, "LUNAFL_HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, str(ROOT / "sim" / "run.py"), "--data", str(tiny_root),
            "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "runs"), "--image-size", "32",
            "--arch", "resnet10", "--batch-size", "8", "--workers", "1", "--seed", "3", *args]
+    return cmd, env
+
+
+def sim_killed_after_round(tmp_path: Path, tiny_root: Path, rnd: int, run: str, *args: str) -> None:
+    """Start a run and SIGKILL it (and its Ray processes) once round ``rnd`` is complete."""
+    import psutil
+
+    cmd, env = sim_cmd(tmp_path, tiny_root, "--run-name", run, *args)
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rounds_file = tmp_path / "runs" / run / "rounds.jsonl"
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            done = rounds_file.exists() and rnd in {json.loads(x)["round"] for x in rounds_file.read_text().split()}
+            if done:
+                break
+            assert proc.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.2)
+        else:
+            raise AssertionError(f"round {rnd} never completed")
+    finally:
+        family = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
+        for p in family:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        proc.wait(timeout=30)
+
+
+def sim(tmp_path: Path, tiny_root: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd, env = sim_cmd(tmp_path, tiny_root, *args)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     if proc.returncode != 0:
         raise AssertionError(f"sim/run.py failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
@@ -57,12 +91,16 @@ def test_three_sites_train_and_a_nan_site_is_rejected(tmp_path, tiny_root):
     assert "Results:" in proc.stdout and "never for diagnosis" in proc.stdout
 
 
-def test_resume_gives_the_same_rounds_as_an_uninterrupted_run(tmp_path, tiny_root):
-    common = ("--clients", "2", "--local-epochs", "1", "--strategy", "fedadam")
-    sim(tmp_path, tiny_root, *common, "--rounds", "2", "--run-name", "whole")
-    sim(tmp_path, tiny_root, *common, "--rounds", "1", "--run-name", "cut")
-    # the second half, resumed from the checkpoint of round 1 (FedAdam's moments included)
-    sim(tmp_path, tiny_root, "--resume", str(tmp_path / "runs" / "cut"), "--rounds", "2")
+@pytest.mark.parametrize("variant", [("--strategy", "fedadam"),
+                                     ("--dp", "local", "--norm", "group", "--dp-epsilon", "6")],
+                         ids=["fedadam-moments", "dp-accountant"])
+def test_resume_gives_the_same_rounds_as_an_uninterrupted_run(tmp_path, tiny_root, variant):
+    common = ("--clients", "2", "--local-epochs", "1", "--rounds", "2", *variant)
+    sim(tmp_path, tiny_root, *common, "--run-name", "whole")
+    # killed (SIGKILL, no clean-up) once round 1 is complete, then resumed from its checkpoint
+    # (FedAdam's moments, or every site's privacy accountant, included)
+    sim_killed_after_round(tmp_path, tiny_root, 1, "cut", *common)
+    sim(tmp_path, tiny_root, "--resume", str(tmp_path / "runs" / "cut"))
     a = torch.load(tmp_path / "runs" / "whole" / "model_final.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "runs" / "cut" / "model_final.pt", weights_only=True)["model"]
     assert a.keys() == b.keys()
@@ -71,6 +109,12 @@ def test_resume_gives_the_same_rounds_as_an_uninterrupted_run(tmp_path, tiny_roo
     ra, rb = rows(tmp_path / "runs" / "whole" / "rounds.jsonl"), rows(tmp_path / "runs" / "cut" / "rounds.jsonl")
     assert [r["round"] for r in rb] == [0, 1, 2]  # no round skipped or counted twice
     assert ra[2]["test_roc_auc"] == rb[2]["test_roc_auc"]
+    if "--dp" in variant:  # each site's accountant continued where it stopped: same spend, same steps
+        for site in ("site-0", "site-1"):
+            la = json.loads((tmp_path / "runs" / "whole" / "site_state" / f"{site}.privacy.json").read_text())
+            lb = json.loads((tmp_path / "runs" / "cut" / "site_state" / f"{site}.privacy.json").read_text())
+            assert la["history"] == lb["history"] and la["rounds"] == lb["rounds"] == [1, 2]
+        assert rb[2]["dp_epsilon_max"] == pytest.approx(6.0, abs=0.05)
 
 
 def test_resume_with_a_different_config_is_a_clear_error(tmp_path, tiny_root):
