@@ -34,8 +34,7 @@ def sim_killed_after_round(tmp_path: Path, tiny_root: Path, rnd: int, run: str, 
     deadline = time.time() + 300
     try:
         while time.time() < deadline:
-            done = rounds_file.exists() and rnd in {json.loads(x)["round"] for x in rounds_file.read_text().split()}
-            if done:
+            if rounds_file.exists() and rnd in {json.loads(x)["round"] for x in rounds_file.read_text().splitlines()}:
                 break
             assert proc.poll() is None, "the run ended before it could be killed"
             time.sleep(0.2)
