@@ -277,4 +277,4 @@ def _after_scan(uid: str, err: str | None, bad: dict[str, str], on_bad_scan: str
 def _progress(total: int, enabled: bool, desc: str):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="scan", disable=not enabled, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit="scan", disable=None if enabled else True, dynamic_ncols=True)

@@ -8,6 +8,7 @@ over the training data (``rounds x local_epochs``): the learning curves share th
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from typing import Any
@@ -47,9 +48,11 @@ def run_centralized(cfg: RunConfig, run: RunDir, prepared: Prepared, checkpoint:
              len(pooled), epoch_size(prepared.cache, positions, cfg.neg_ratio), cfg.rounds * cfg.local_epochs)
     tracker = RunTracker(cfg, run, TestSplit.from_prepared(prepared), device, start)
 
-    def save(rnd: int) -> None:
+    def snapshot():
+        """Copy model and optimizer state now; the returned writer may run later."""
         state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        run.save_checkpoint(rnd, state, cfg, cfg.keep_checkpoints, optimizer=optimizer.state_dict())
+        opt_state = copy.deepcopy(optimizer.state_dict())
+        return lambda rnd: run.save_checkpoint(rnd, state, cfg, cfg.keep_checkpoints, optimizer=opt_state)
 
     if start == 0:
         tracker.end_round(0, model, {})
@@ -66,7 +69,7 @@ def run_centralized(cfg: RunConfig, run: RunDir, prepared: Prepared, checkpoint:
         secs = sum(s["seconds"] for s in stats)
         row = {"wall_seconds": time.time() - t0, "train_loss": sum(s["loss"] * s["examples"] for s in stats) / seen,
                "train_seconds": secs, "images_per_s": seen / secs}
-        tracker.end_round(rnd, model, row, save)
+        tracker.end_round(rnd, model, row, snapshot())
     summary = tracker.finish(model, {"mode": "centralized", "pooled_scans": len(pooled)})
     log.info("results in %s", run.path)
     return summary

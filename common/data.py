@@ -82,4 +82,4 @@ def prepare(cfg: RunConfig, progress: bool = True) -> Prepared:
 def _bar(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="scan", disable=not enabled, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit="scan", disable=None if enabled else True, dynamic_ncols=True)

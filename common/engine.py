@@ -84,7 +84,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         from tqdm import tqdm
 
         bar = tqdm(total=len(loader), desc=log_prefix.strip() or "train", unit="batch", leave=False,
-                   dynamic_ncols=True)
+                   dynamic_ncols=True, disable=None)  # None: off when not a terminal (logs, CI)
     t_data = time.perf_counter()
     for step, (x, y) in enumerate(loader):
         data_time += time.perf_counter() - t_data

@@ -205,8 +205,8 @@ def resolve_layer(layer: str, size: int, method: str = "gradcam") -> str:
     layer4, while a randomly initialised ResNet-50 scores 0.06, 0.39 and 1.00 (layer4's 2 x 2
     map has one cell on the patch centre, which wins for any weights): see ``cam.json``'s
     ``compare`` table and sim/explain.py --compare."""
-    if method == "cam":
-        return "layer4"
+    if method == "cam":  # the layer that feeds the pooled head (another model's own name stays)
+        return "layer4" if layer == "auto" or layer in RESNET_STRIDES else layer
     if layer != "auto":
         return layer
     for name in reversed(RESNET_STRIDES):
@@ -381,7 +381,7 @@ def score_maps(spec: PatchSpec, maps: np.ndarray, centres: np.ndarray, nodules: 
     no peak, and (keys ``hits``, ``peaks``) the per-patch hits (N, 3) and peaks (N, 2)."""
     n = len(maps)
     rc, has_peak = peaks(maps) if n else (np.zeros((0, 2), int), np.zeros(0, bool))
-    mid = spec.size // 2  # the pixel nearest the centre (half a pixel off for even sizes)
+    mid = (spec.size - 1) / 2  # the patch centre itself (the candidate), between pixels for even sizes
     hits = np.array([plane_hits(spec, c, p, nod) & h for c, p, nod, h in zip(centres, rc, nodules, has_peak,
                                                                                 strict=True)]).reshape(-1, 3)
     centre_hits = np.array([plane_hits(spec, c, (mid, mid), nod) for c, nod in zip(centres, nodules, strict=True)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -168,20 +169,23 @@ def federate(grid: Grid, sr: ServerRun) -> dict[str, Any]:
     tracker = RunTracker(cfg, run, tester, device, sr.start_round)
     slots = sr.slots or len(node_sites)
 
-    def save(rnd: int) -> None:
+    def snapshot() -> Callable[[int], None]:
+        """Copy the model and strategy state now; the returned writer may run later."""
         state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        run.save_checkpoint(rnd, state, cfg, cfg.keep_checkpoints, strategy=export_state(strategy))
+        strat = export_state(strategy)
+        return lambda rnd: run.save_checkpoint(rnd, state, cfg, cfg.keep_checkpoints, strategy=strat)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         rnd = server_round + sr.start_round
         if server_round == 0 and sr.start_round > 0:
             return None  # the resumed model was evaluated before the interruption
         model_lib.set_arrays(model, {k: v.numpy() for k, v in arrays.items()})
-        row = round_row(guard, rnd, slots) if rnd > 0 else {}
+        row = round_row(guard, rnd) if rnd > 0 else {}
         spent = getattr(strategy, "privacy_spent", lambda: None)()
         if spent is not None and rnd > 0:
             row["dp_central_epsilon"], row["dp_central_delta"] = spent.epsilon, spent.delta
-        test = tracker.end_round(rnd, model, row, save)
+        save = snapshot() if rnd > 0 else None
+        test = tracker.end_round(rnd, model, row, save, finalize=lambda: round_times(guard, rnd, slots))
         return MetricRecord({k: float(v) for k, v in test.items() if np.isfinite(v)})
 
     train_cfg, eval_cfg = base_config(sr), base_config(sr)
@@ -219,21 +223,31 @@ def privacy_summary(sr: ServerRun, strategy) -> dict[str, Any]:
             "releases": spent.num_releases if spent else None}
 
 
-def round_row(guard: Guard, rnd: int, slots: int) -> dict[str, Any]:
-    """The round's figures: wall time, the sites' training time and the federation overhead."""
+def round_times(guard: Guard, rnd: int, slots: int) -> dict[str, Any]:
+    """The round's wall time (through the server's test evaluation) and the federation
+    overhead: 1 - (the sites' training time spread over the parallel slots) / wall time."""
     lg = guard.rounds.get(rnd)
-    if lg is None:
+    if lg is None or not lg.started:
         return {}
     wall = time.time() - lg.started
     train_secs = [m.get("train-seconds", 0.0) for m in lg.train.values()]
     n_slots = max(1, min(slots, len(lg.sampled) or 1))
     busy = sum(train_secs) / n_slots
+    return {"wall_seconds": wall, "site_train_seconds": sum(train_secs), "slots": n_slots,
+            "overhead": 1 - busy / wall if wall > 0 else None,
+            "server_phase_seconds": (time.time() - lg.evaluated) if lg.evaluated else None}
+
+
+def round_row(guard: Guard, rnd: int) -> dict[str, Any]:
+    """The round's sites, bytes and site-side metrics (times: :func:`round_times`)."""
+    lg = guard.rounds.get(rnd)
+    if lg is None:
+        return {}
     row: dict[str, Any] = {
-        "wall_seconds": wall,
-        "site_train_seconds": sum(train_secs),
-        "slots": n_slots,
-        # 1 - (training time spread over the parallel slots) / (the round's wall time)
-        "overhead": 1 - busy / wall if wall > 0 else None,
+        # where the round's time went: training phase (dispatch, local training, replies,
+        # aggregation), federated evaluation phase; the server phase is in round_times
+        "train_phase_seconds": (lg.trained - lg.started) if lg.trained else None,
+        "evaluate_phase_seconds": (lg.evaluated - lg.trained) if lg.evaluated and lg.trained else None,
         "sites_sampled": len(lg.sampled),
         "sites_trained": len(lg.train),
         "failed_sites": sorted(lg.failed),

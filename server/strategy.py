@@ -133,6 +133,8 @@ class RoundLog:
     """What the guard saw in one round (read by the server's recorder)."""
 
     started: float = 0.0
+    trained: float = 0.0  # when aggregate_train finished
+    evaluated: float = 0.0  # when aggregate_evaluate finished
     sampled: list[str] = field(default_factory=list)
     train: dict[str, dict[str, float]] = field(default_factory=dict)
     evaluate: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -199,6 +201,9 @@ class Guard(Strategy):
         lg.started = time.time()
         config["deadline"] = time.time() + self.cfg.round_timeout
         msgs = list(self.inner.configure_train(rnd, arrays, config, self._ordered_grid(grid, rnd)))
+        # Longest-first: sites with the most examples start first, so the parallel slots
+        # finish together instead of one site training alone at the end of the round.
+        msgs.sort(key=lambda m: -self.limits.get(self.site_of(m.metadata.dst_node_id), 0))
         nbytes = self._encode_into(msgs, arrays)
         lg.sampled = [self.site_of(m.metadata.dst_node_id) for m in msgs]
         lg.bytes_down += nbytes * len(msgs)
@@ -283,6 +288,7 @@ class Guard(Strategy):
             # uninterrupted one. Integer buffers (BatchNorm counters) are rounded.
             ref = self.reference[k].dtype
             out[k] = np.asarray(np.rint(a) if np.issubdtype(ref, np.integer) else a).astype(ref, copy=False)
+        lg.trained = time.time()
         return ArrayRecord({k: Array(v) for k, v in out.items()}), metrics
 
     # ---- evaluation ----
@@ -310,7 +316,9 @@ class Guard(Strategy):
             self.on_event("evaluate", rnd, site, metrics)
             ok.append((site, msg))
         ok.sort(key=lambda sm: sm[0])
-        return self.inner.aggregate_evaluate(rnd, [m for _, m in ok]) if ok else None
+        out = self.inner.aggregate_evaluate(rnd, [m for _, m in ok]) if ok else None
+        lg.evaluated = time.time()
+        return out
 
     def summary(self) -> None:
         self.inner.summary()
