@@ -1,0 +1,36 @@
+"""The benchmark script runs on a tiny setting and writes every field (no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_quick_writes_every_field(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "sim/bench.py", "--quick", "--out", str(out), "--workdir",
+                           str(tmp_path / "w")], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    t = r["throughput"]
+    assert t["clientapp_images_per_s"] > 0 and t["plain_loop_images_per_s"] > 0
+    assert t["ratio"] == t["clientapp_images_per_s"] / t["plain_loop_images_per_s"]
+    assert [o["label"] for o in r["overhead"]] == ["demo workload", "3 sites"]
+    for o in r["overhead"]:
+        assert 0 <= o["overhead_mean"] < 1 and o["memory"]["peak_pss_gib"] > 0.1
+        assert o["bytes_up_per_site_per_round"] > 0 and o["memory"]["per_site_gib"] > 0
+    w = r["wire"]
+    assert w["float16"]["bytes_up_per_site_per_round"] < 0.6 * w["float32"]["bytes_up_per_site_per_round"]
+    assert w["bfloat16"]["bytes_up_per_site_per_round"] < 0.6 * w["float32"]["bytes_up_per_site_per_round"]
+    assert all(0 <= v["final_test_auc"] <= 1 for v in w.values())
+    d = r["dp"]
+    for k in ("nodp_fp32", "nodp_amp", "dp_ghost", "dp_hooks", "ratio_dp_ghost_vs_nodp_fp32"):
+        assert d[k] > 0
+    c = r["cache"]
+    assert c["build_patches_per_s_32px"] > 0 and c["read_vs_train_ratio"] > 0
+    assert "available" in r["gpu"]
+    assert "ClientApp training step" in proc.stdout
