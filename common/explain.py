@@ -249,7 +249,8 @@ def project(spec: PatchSpec, centre_xyz: Sequence[float], point_xyz: Sequence[fl
     return rc, normal
 
 
-def plane_hits(spec: PatchSpec, centre_xyz: Sequence[float], peak_rc: Sequence[int], nodule: Nodule) -> np.ndarray:
+def plane_hits(spec: PatchSpec, centre_xyz: Sequence[float], peak_rc: Sequence[float], nodule: Nodule
+               ) -> np.ndarray:
     """Pointing-game hit per plane (3,) bool: the peak's world point in plane k lies within
     the nodule's radius of the nodule centre's projection onto plane k."""
     rc, _ = project(spec, centre_xyz, nodule.xyz)
@@ -641,7 +642,7 @@ def select_cases(prob: np.ndarray, labels: np.ndarray, threshold: float, top_k: 
 
     def first(ids) -> list[int]:
         seen: set = set()
-        out = []
+        out: list[int] = []
         for i in ids:
             if group[i] not in seen and len(out) < top_k:
                 seen.add(group[i])

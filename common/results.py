@@ -159,6 +159,21 @@ class RunDir:
                 log.warning("checkpoint %s cannot be read (%s); trying an older one", path, exc)
         return None
 
+    def save_predictions(self, seriesuid, xyz, labels, logits) -> None:
+        """The test split's per-candidate labels and logits (for reports: ROC, bootstraps)."""
+        import numpy as np
+
+        def write(fh) -> None:
+            np.savez(fh, seriesuid=np.asarray(seriesuid, dtype=str), xyz=xyz, labels=labels, logits=logits)
+
+        atomic_write(self.path / "test_predictions.npz", write, binary=True)
+
+    def load_predictions(self) -> dict:
+        import numpy as np
+
+        with np.load(self.path / "test_predictions.npz") as z:
+            return {k: z[k] for k in z.files}
+
     def save_model(self, name: str, model_state: dict[str, torch.Tensor], cfg: RunConfig, **extra: Any) -> Path:
         path = self.path / name
         obj = {"model": model_state, "config": cfg.to_dict(), **extra}

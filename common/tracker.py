@@ -125,6 +125,7 @@ class RunTracker:
                 self.last = (logits, labels)
             logits, labels = self.last
             summary["test"] = self.tester.final(logits, labels, self.run.path, seed=self.cfg.seed)
+            self.run.save_predictions(self.tester.seriesuid, self.tester.xyz, labels, logits)
             roc_curves({self.run.path.name: (labels, logits)}, self.run.path / "roc.png")
             res = self.tester.cpm(logits)
             if res is not None:

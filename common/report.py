@@ -1,0 +1,275 @@
+"""The comparison report: centralized vs federated, per metric and per hospital.
+
+Builds one Markdown file and one self-contained HTML page (PNGs embedded) from finished
+results folders. Every number is read from the runs' own files (``summary.json``,
+``rounds.jsonl``, ``events.jsonl``, ``test_predictions.npz``, ``audit.json``), so the
+report can be rebuilt at any time and always agrees with them.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import froc
+from .atomic import atomic_write_text
+from .metrics import binary_metrics
+from .plots import learning_curves, roc_curves
+from .results import NOTICE, RunDir
+
+log = logging.getLogger(__name__)
+
+SHOWN = [("roc_auc", "ROC-AUC"), ("pr_auc", "PR-AUC"), ("cpm", "CPM"), ("accuracy", "accuracy (natural ratio)"),
+         ("balanced_accuracy", "balanced accuracy"), ("precision", "precision"), ("recall", "recall"),
+         ("specificity", "specificity"), ("f1", "F1")]
+
+
+@dataclass
+class Run:
+    label: str
+    path: Path
+    config: dict
+    summary: dict
+    rounds: list[dict]
+    events: list[dict]
+    predictions: dict | None
+    audit: dict | None
+
+    @classmethod
+    def load(cls, label: str, path: Path | str) -> Run:
+        path = Path(path)
+        if not (path / "summary.json").exists():
+            raise ValueError(f"{path}: no summary.json; is the run finished?")
+        rd = RunDir(path)
+        preds = rd.load_predictions() if (path / "test_predictions.npz").exists() else None
+        audit = json.loads((path / "audit.json").read_text()) if (path / "audit.json").exists() else None
+        return cls(label, path, json.loads((path / "config.json").read_text())["config"],
+                   json.loads((path / "summary.json").read_text()), rd.rounds(), rd.events(), preds, audit)
+
+    @property
+    def federated(self) -> bool:
+        return self.config["mode"] == "federated"
+
+    def metric(self, key: str) -> float:
+        return float(self.summary["test"]["metrics"].get(key, math.nan))
+
+    def ci(self, key: str) -> list[float] | None:
+        return self.summary["test"]["ci95"].get(key)
+
+    def bytes_total(self) -> int:
+        return int(sum(r.get("bytes_up", 0) + r.get("bytes_down", 0) for r in self.rounds))
+
+    def describe(self) -> str:
+        c = self.config
+        if not self.federated:
+            return f"centralized, {c['rounds'] * c['local_epochs']} epochs on pooled data"
+        dp = "" if c["dp"] == "off" else f", DP {c['dp']} eps {c['dp_epsilon'] or 'n/a'}"
+        return f"{c['clients']} sites, {c['partition']}, {c['strategy']}{dp}"
+
+
+def fmt(v: float | None, digits: int = 3) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
+
+
+def with_ci(run: Run, key: str) -> str:
+    ci = run.ci(key)
+    point = fmt(run.metric(key))
+    return f"{point} [{fmt(ci[0])}, {fmt(ci[1])}]" if ci and all(c is not None for c in ci) else point
+
+
+def paired_auc_difference(a: Run, b: Run, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float] | None:
+    """AUC(b) - AUC(a) on the same test candidates, with a 95% CI from a paired bootstrap over patients."""
+    if a.predictions is None or b.predictions is None:
+        return None
+    pa, pb = a.predictions, b.predictions
+    if len(pa["labels"]) != len(pb["labels"]) or not np.array_equal(pa["seriesuid"], pb["seriesuid"]):
+        return None
+    y = pa["labels"]
+    uniq, inv = np.unique(pa["seriesuid"], return_inverse=True)
+    groups = [np.flatnonzero(inv == k) for k in range(len(uniq))]
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(n_boot):
+        idx = np.concatenate([groups[k] for k in rng.integers(0, len(groups), len(groups))])
+        if 0 < y[idx].sum() < len(idx):
+            diffs.append(binary_metrics(y[idx], pb["logits"][idx])["roc_auc"]
+                         - binary_metrics(y[idx], pa["logits"][idx])["roc_auc"])
+    point = binary_metrics(y, pb["logits"])["roc_auc"] - binary_metrics(y, pa["logits"])["roc_auc"]
+    return point, float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))
+
+
+def site_table(run: Run) -> list[dict]:
+    """Each site's figures in the last round it reported: is any hospital left behind?"""
+    last: dict[str, dict] = {}
+    trained: dict[str, dict] = {}
+    failures: dict[str, int] = {}
+    for e in run.events:
+        if e["kind"] == "evaluate":
+            last[e["site"]] = e
+        elif e["kind"] == "train":
+            trained[e["site"]] = e
+        elif e["kind"] in ("failure", "rejected"):
+            failures[e["site"]] = failures.get(e["site"], 0) + 1
+    rows = []
+    for site in sorted(set(last) | set(trained)):
+        ev, tr = last.get(site, {}), trained.get(site, {})
+        rows.append({"site": site, "val_candidates": ev.get("num-examples"), "val_roc_auc": ev.get("roc_auc"),
+                     "val_accuracy": ev.get("accuracy"), "val_recall": ev.get("recall"), "val_loss": ev.get("loss"),
+                     "train_examples_per_epoch": tr.get("num-examples"), "failed_or_rejected": failures.get(site, 0),
+                     "dp_epsilon": tr.get("dp-epsilon")})
+    return rows
+
+
+def froc_result(run: Run) -> froc.FROCResult | None:
+    d = run.summary["test"].get("froc")
+    if not d:
+        return None
+    return froc.FROCResult(d["cpm"], tuple(d["sensitivities"]), np.array(d["fps_per_scan"]),
+                           np.array(d["sensitivity"]), d["n_scans"], d["n_nodules"], d["n_marks"],
+                           tuple(d["cpm_ci"]) if d["cpm_ci"] else None, None)
+
+
+def build_report(runs: list[Run], out: Path, folds: list[Run] | None = None) -> tuple[Path, Path]:
+    """Write ``report.md`` and ``report.html`` (with the plots) into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    images: dict[str, Path] = {}
+    learning_curves({r.label: r.rounds for r in runs}, out / "learning_curves.png", NOTICE)
+    images["Learning curves (x: passes over the training data)"] = out / "learning_curves.png"
+    rocs = {r.label: (r.predictions["labels"], r.predictions["logits"]) for r in runs if r.predictions is not None}
+    if rocs:
+        roc_curves(rocs, out / "roc.png")
+        images["ROC curves on the test split"] = out / "roc.png"
+    frocs = {r.label: f for r in runs if (f := froc_result(r)) is not None}
+    if frocs:
+        froc.plot_froc(frocs, out / "froc.png")
+        images["FROC curves (LUNA16 candidate metric)"] = out / "froc.png"
+    cams = {r.label: sorted(r.path.glob("cam*.png")) for r in runs}
+
+    central = next((r for r in runs if not r.federated), None)
+    md: list[str] = ["# Centralized vs federated: lung-nodule classification", "", f"> {NOTICE}", ""]
+    md += ["## Runs", "", "| run | setting | data passes | wall time | bytes communicated | folder |",
+           "| --- | --- | --- | --- | --- | --- |"]
+    for r in runs:
+        md.append(f"| {r.label} | {r.describe()} | {r.summary['data_passes']} | "
+                  f"{r.summary['wall_seconds'] / 60:.1f} min | {r.bytes_total() / 2**30:.2f} GiB | `{r.path}` |")
+    ratio = runs[0].summary["test"].get("class_ratio", "")
+    md += ["", "## Test metrics with 95% confidence intervals (bootstrap over patients)", "",
+           f"Test split: {runs[0].summary['test']['test_scans']} held-out scans, "
+           f"{runs[0].summary['test']['test_candidates']} candidates, class ratio {ratio}. Accuracy at the "
+           "natural ratio is shown beside balanced accuracy and CPM: answering \"no nodule\" everywhere would "
+           "already score the natural share of negatives.", "",
+           "| run | " + " | ".join(name for _, name in SHOWN) + " |", "| --- |" + " --- |" * len(SHOWN)]
+    for r in runs:
+        md.append(f"| {r.label} | " + " | ".join(with_ci(r, k) for k, _ in SHOWN) + " |")
+    if central is not None:
+        md += ["", "## What federation costs (test ROC-AUC minus centralized, paired bootstrap over patients)", "",
+               "| run | ΔAUC | 95% CI | ΔCPM |", "| --- | --- | --- | --- |"]
+        for r in runs:
+            if r is central:
+                continue
+            d = paired_auc_difference(central, r)
+            dcpm = r.metric("cpm") - central.metric("cpm")
+            md.append(f"| {r.label} | {fmt(d[0]) if d else 'n/a'} | "
+                      f"{f'[{fmt(d[1])}, {fmt(d[2])}]' if d else 'n/a'} | {fmt(dcpm)} |")
+    priv = [r for r in runs if r.audit is not None or r.config["dp"] != "off"]
+    if priv:
+        md += ["", "## Utility against privacy", "",
+               "Membership inference: a loss-threshold attack on the final global model (members: the sites' "
+               "training patches; non-members: test patches). Attack AUC 0.5 = no better than a coin. The privacy "
+               "unit of local DP is one CT patch; a patient contributes many patches, so a patient's protection is "
+               "weaker than the patch-level epsilon.", "",
+               "| run | DP | epsilon (max over sites) | test ROC-AUC | attack AUC | attack TPR at 1% FPR |",
+               "| --- | --- | --- | --- | --- | --- |"]
+        for r in priv:
+            p = r.summary.get("privacy", {})
+            eps = p.get("epsilon_max", p.get("epsilon"))
+            a = r.audit or {}
+            md.append(f"| {r.label} | {r.config['dp']} | {fmt(eps, 2)} | {fmt(r.metric('roc_auc'))} | "
+                      f"{fmt(a.get('attack_auc'))} | {fmt(a.get('tpr_at_1pct_fpr'))} |")
+    for r in runs:
+        if not r.federated:
+            continue
+        rows = site_table(r)
+        if not rows:
+            continue
+        md += ["", f"## Per site: {r.label}", "", "Each site's validation figures for the final global model "
+               "(the last round it reported), its training examples per epoch, and how often it failed or was "
+               "rejected.", "",
+               "| site | val candidates | val ROC-AUC | val accuracy | val recall | val loss | train examples/epoch "
+               "| failed/rejected |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for s in rows:
+            md.append(f"| {s['site']} | {fmt(s['val_candidates'], 0)} | {fmt(s['val_roc_auc'])} | "
+                      f"{fmt(s['val_accuracy'])} | {fmt(s['val_recall'])} | {fmt(s['val_loss'])} | "
+                      f"{fmt(s['train_examples_per_epoch'], 0)} | {s['failed_or_rejected']} |")
+    if folds:
+        aucs = [f.metric("roc_auc") for f in folds]
+        cpms = [f.metric("cpm") for f in folds]
+        md += ["", "## LUNA16 cross-validation by subset (centralized baseline)", "",
+               "| fold (test subset) | ROC-AUC | CPM |", "| --- | --- | --- |"]
+        for f in folds:
+            md.append(f"| {f.config['test_subsets']} | {fmt(f.metric('roc_auc'))} | {fmt(f.metric('cpm'))} |")
+        md.append(f"| mean ± sd | {fmt(float(np.nanmean(aucs)))} ± {fmt(float(np.nanstd(aucs)))} | "
+                  f"{fmt(float(np.nanmean(cpms)))} ± {fmt(float(np.nanstd(cpms)))} |")
+    md += ["", "## Plots", ""]
+    for title, path in images.items():
+        md += [f"### {title}", "", f"![{title}]({path.name})", ""]
+    for label, files in cams.items():
+        for f in files:
+            md += [f"### Where the model looks: {label} ({f.name})", "", f"![{label}]({f})", ""]
+    md_path = out / "report.md"
+    atomic_write_text(md_path, "\n".join(md) + "\n")
+    html_path = out / "report.html"
+    atomic_write_text(html_path, to_html(md, images, cams))
+    return md_path, html_path
+
+
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def to_html(md: list[str], images: dict[str, Path], cams: dict[str, list[Path]]) -> str:
+    """A small Markdown-to-HTML for what the report uses: headings, tables, quotes, images."""
+    body: list[str] = []
+    table: list[list[str]] = []
+
+    def flush() -> None:
+        if table:
+            head, *rest = table
+            body.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>"
+                        + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+                                  for row in rest) + "</table>")
+            table.clear()
+
+    paths = {p.name: p for p in images.values()} | {str(f): f for fs in cams.values() for f in fs}
+    for line in md:
+        if line.startswith("|"):
+            cells = [c.strip().strip("`") for c in line.strip("|").split("|")]
+            if not all(set(c) <= set("- ") for c in cells):
+                table.append(cells)
+            continue
+        flush()
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{html.escape(line[level:].strip())}</h{level}>")
+        elif line.startswith("> "):
+            body.append(f"<blockquote>{html.escape(line[2:])}</blockquote>")
+        elif line.startswith("!["):
+            target = line[line.index("](") + 2:-1]
+            if target in paths:
+                body.append(f'<img alt="{html.escape(target)}" src="{_data_uri(paths[target])}">')
+        elif line.strip():
+            body.append(f"<p>{html.escape(line)}</p>")
+    flush()
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}table{border-collapse:collapse;"
+             "margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}"
+             "th{background:#f4f4f4}img{max-width:100%}blockquote{background:#fff4e5;padding:8px;"
+             "border-left:4px solid #e69500}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>luna-fl comparison report</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")

@@ -1,0 +1,120 @@
+"""Centralized vs federated on the same model and data: one report with LUNA16's CPM.
+
+    python sim/compare.py                              # run the standard set, then report
+    python sim/compare.py --runs runs/a runs/b ...     # report on finished results folders
+    python sim/compare.py --privacy                    # add DP runs (two epsilons) and audits
+    python sim/compare.py --folds 0,1,2,3,4,5,6,7,8,9  # LUNA16 cross-validation of the baseline
+
+The standard set: the centralized baseline, federated IID with FedAvg, and federated
+non-IID (--non-iid, default scanner) with FedAvg and FedProx, all with the same model,
+test split and number of passes over the training data (a federated run of R rounds x E
+local epochs makes R x E passes; the baseline runs R x E epochs on the pooled data).
+Runs whose folder already holds a summary.json are read, not rerun.
+
+Writes REPORT_DIR/report.md and a self-contained REPORT_DIR/report.html.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+ROOT = Path(__file__).resolve().parents[1]
+PASS_THROUGH = ("clients", "rounds", "local_epochs", "image_size", "arch", "data", "seed", "synthetic_scans",
+                "batch_size", "lr", "cache_dir", "workers", "proximal_mu", "alpha")
+
+
+def standard_runs(non_iid: str, privacy: bool) -> list[tuple[str, str, list[str]]]:
+    runs = [("centralized", "centralized", ["--mode", "centralized"]),
+            ("federated IID FedAvg", "fed-iid-fedavg", ["--partition", "iid", "--strategy", "fedavg"]),
+            (f"federated {non_iid} FedAvg", f"fed-{non_iid}-fedavg", ["--partition", non_iid, "--strategy", "fedavg"]),
+            (f"federated {non_iid} FedProx", f"fed-{non_iid}-fedprox",
+             ["--partition", non_iid, "--strategy", "fedprox"])]
+    if privacy:
+        for eps in (8, 2):
+            runs.append((f"federated IID DP eps={eps}", f"fed-iid-dp{eps}",
+                         ["--partition", "iid", "--dp", "local", "--norm", "group", "--dp-epsilon", str(eps)]))
+        runs.append(("federated IID no-DP (GroupNorm)", "fed-iid-groupnorm", ["--partition", "iid", "--norm", "group"]))
+    return runs
+
+
+def run_one(name: str, args: list[str], common: list[str], runs_dir: Path) -> Path:
+    path = runs_dir / name
+    if (path / "summary.json").exists():
+        print(f"  {name}: finished earlier, reading it")
+        return path
+    if path.exists() and (path / "config.json").exists():
+        cmd = [sys.executable, str(ROOT / "sim" / "run.py"), "--resume", str(path)]
+        print(f"  {name}: resuming")
+    else:
+        cmd = [sys.executable, str(ROOT / "sim" / "run.py"), *common, *args, "--out", str(runs_dir),
+               "--run-name", name]
+        print(f"  {name}: {' '.join(cmd[2:])}")
+    proc = subprocess.run(cmd, cwd=ROOT)
+    if proc.returncode != 0:
+        raise SystemExit(f"sim/compare.py: the run {name} failed (exit {proc.returncode}); see {path}/log.txt")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    from common.config import add_arguments
+
+    p = argparse.ArgumentParser(prog="sim/compare.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", nargs="*", default=None, metavar="RUN_DIR",
+                   help="finished results folders to compare (default: run the standard set)")
+    p.add_argument("--labels", nargs="*", default=None, help="labels for --runs (default: folder names)")
+    p.add_argument("--runs-dir", default="runs/compare", help="where the standard set's runs go")
+    p.add_argument("--out", default="runs/compare/report", help="report folder")
+    p.add_argument("--non-iid", default="scanner", choices=("scanner", "dirichlet", "subset"),
+                   help="the non-IID partition of the standard set")
+    p.add_argument("--privacy", action="store_true", help="also DP runs with epsilon 8 and 2, and membership audits")
+    p.add_argument("--folds", default="", help="comma list of LUNA16 subsets: centralized runs testing on each")
+    add_arguments(p, only=PASS_THROUGH)
+    args = p.parse_args(argv)
+
+    from common.report import Run, build_report
+
+    common: list[str] = []
+    for name in PASS_THROUGH:
+        v = getattr(args, name)
+        if v is not None:
+            common += [f"--{name.replace('_', '-')}", str(v)]
+    runs: list[Run] = []
+    if args.runs:
+        labels = args.labels or [Path(r).name for r in args.runs]
+        if len(labels) != len(args.runs):
+            p.error("--labels needs one label per --runs folder")
+        try:
+            runs = [Run.load(lab, r) for lab, r in zip(labels, args.runs, strict=True)]
+        except ValueError as exc:
+            p.error(str(exc))
+    else:
+        runs_dir = Path(args.runs_dir)
+        print(f"running the standard comparison into {runs_dir}")
+        for label, name, extra in standard_runs(args.non_iid, args.privacy):
+            runs.append(Run.load(label, run_one(name, extra, common, runs_dir)))
+    if args.privacy or any(r.config["dp"] != "off" for r in runs):
+        from common.audit import membership_audit
+
+        for r in runs:
+            if r.federated and r.audit is None:
+                print(f"  auditing {r.label} (membership inference)")
+                r.audit = membership_audit(r.path)
+    folds: list[Run] = []
+    if args.folds:
+        runs_dir = Path(args.runs_dir)
+        for k in [int(x) for x in args.folds.split(",")]:
+            path = run_one(f"fold-{k}", ["--mode", "centralized", "--test-subsets", str(k)], common, runs_dir)
+            folds.append(Run.load(f"fold {k}", path))
+    md, page = build_report(runs, Path(args.out), folds or None)
+    print(f"\nreport: {md}\n        {page}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""The comparison report builds from small finished runs and agrees with their JSON."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def finished_runs(tiny_root, tmp_path_factory):
+    import os
+
+    tmp = tmp_path_factory.mktemp("cmp")
+    env = {**os.environ, "LUNAFL_HOME": str(tmp / "home")}
+    common = ["--data", str(tiny_root), "--cache-dir", str(tmp / "cache"), "--out", str(tmp / "runs"),
+              "--image-size", "32", "--arch", "resnet10", "--batch-size", "8", "--workers", "1", "--seed", "3",
+              "--clients", "2", "--rounds", "2", "--local-epochs", "1"]
+    for name, extra in (("central", ["--mode", "centralized"]), ("fed", [])):
+        p = subprocess.run([sys.executable, "sim/run.py", *common, *extra, "--run-name", name], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=400)
+        assert p.returncode == 0, p.stderr[-3000:]
+    return tmp / "runs"
+
+
+def test_report_builds_and_its_numbers_equal_the_runs_json(finished_runs, tmp_path):
+    out = tmp_path / "report"
+    p = subprocess.run([sys.executable, "sim/compare.py", "--runs", str(finished_runs / "central"),
+                        str(finished_runs / "fed"), "--labels", "central", "fed", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    md = (out / "report.md").read_text()
+    page = (out / "report.html").read_text()
+    for name in ("central", "fed"):
+        summary = json.loads((finished_runs / name / "summary.json").read_text())
+        m = summary["test"]["metrics"]
+        row = next(line for line in md.splitlines() if line.startswith(f"| {name} | ") and "[" in line)
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        auc, cpm, acc = (float(re.match(r"[-\d.]+", cells[i]).group()) for i in (1, 3, 4))
+        assert auc == round(m["roc_auc"], 3) and cpm == round(m["cpm"], 3) and acc == round(m["accuracy"], 3)
+        lo, hi = summary["test"]["ci95"]["roc_auc"]
+        assert f"[{lo:.3f}, {hi:.3f}]" in cells[1]
+    assert "ΔAUC" in md and "Per site: fed" in md and "site-0" in md and "site-1" in md
+    assert "never use these figures" in md and "accuracy (natural ratio)" in md
+    assert page.count("data:image/png;base64,") >= 3  # learning curves, ROC, FROC embedded
+    assert "<table>" in page and "src=\"learning_curves.png\"" not in page  # self-contained
+
+
+def test_report_names_an_unfinished_folder(tmp_path):
+    p = subprocess.run([sys.executable, "sim/compare.py", "--runs", str(tmp_path), "--out", str(tmp_path / "r")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "no summary.json" in p.stderr
