@@ -150,7 +150,10 @@ def build_report(runs: list[Run], out: Path, folds: list[Run] | None = None) -> 
     if frocs:
         froc.plot_froc(frocs, out / "froc.png")
         images["FROC curves (LUNA16 candidate metric)"] = out / "froc.png"
-    cams = {r.label: sorted(r.path.glob("cam*.png")) for r in runs}
+    from .explain import cam_figures
+
+    cam_docs = {r.label: doc for r in runs if (doc := cam_figures(r.path)) is not None}
+    cams = {label: pngs for label, (pngs, _) in cam_docs.items()}
 
     central = next((r for r in runs if not r.federated), None)
     md: list[str] = ["# Centralized vs federated: lung-nodule classification", "", f"> {NOTICE}", ""]
@@ -217,6 +220,21 @@ def build_report(runs: list[Run], out: Path, folds: list[Run] | None = None) -> 
             md.append(f"| {f.config['test_subsets']} | {fmt(f.metric('roc_auc'))} | {fmt(f.metric('cpm'))} |")
         md.append(f"| mean ± sd | {fmt(float(np.nanmean(aucs)))} ± {fmt(float(np.nanstd(aucs)))} | "
                   f"{fmt(float(np.nanmean(cpms)))} ± {fmt(float(np.nanstd(cpms)))} |")
+    if cam_docs:
+        md += ["", "## Where the model looks (Class Activation Maps)", "",
+               "Pointing game: the share of test patches whose heatmap peak falls inside the annotated nodule "
+               "(axial plane), with the controls that make it meaningful: the patch centre as the peak, the same "
+               "heatmap from an untrained model, and the brightest spot of the patch. 'Off-centre' moves each "
+               "nodule 0.8 radii away from the patch centre, so pointing at the centre no longer scores.", "",
+               "| run | method / layer | true positives | all positives | off-centre | untrained model (all "
+               "positives) | patch centre (off-centre) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for label, (_, sc) in cam_docs.items():
+            pg = sc.get("pointing_game", {})
+            tp, pos, sh = pg.get("true_positives", {}), pg.get("positives", {}), pg.get("shifted", {})
+            md.append(f"| {label} | {pg.get('method')} {pg.get('layer')} | {fmt(tp.get('axial'))} (n={tp.get('n')}) "
+                      f"| {fmt(pos.get('axial'))} (n={pos.get('n')}) | {fmt(sh.get('axial'))} | "
+                      f"{fmt(pos.get('random_init', {}).get('axial'))} | "
+                      f"{fmt(sh.get('centre_baseline', {}).get('axial'))} |")
     md += ["", "## Plots", ""]
     for title, path in images.items():
         md += [f"### {title}", "", f"![{title}]({path.name})", ""]
