@@ -52,7 +52,8 @@ def run_centralized(cfg: RunConfig, run: RunDir, prepared: Prepared, checkpoint:
         """Copy model and optimizer state now; the returned writer may run later."""
         state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         opt_state = copy.deepcopy(optimizer.state_dict())
-        return lambda rnd: run.save_checkpoint(rnd, state, cfg, cfg.keep_checkpoints, optimizer=opt_state)
+        return lambda rnd, row: run.save_checkpoint(rnd, state, cfg, cfg.keep_checkpoints, optimizer=opt_state,
+                                                    row=row)
 
     if start == 0:
         tracker.end_round(0, model, {})

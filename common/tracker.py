@@ -44,7 +44,7 @@ class RunTracker:
         return rnd == 0 or rnd % self.cfg.eval_every == 0 or rnd == self.cfg.rounds
 
     def end_round(self, rnd: int, model: torch.nn.Module, row: dict[str, Any],
-                  save_checkpoint: Callable[[int], None] | None = None,
+                  save_checkpoint: Callable[[int, dict], None] | None = None,
                   finalize: Callable[[], dict[str, Any]] | None = None) -> dict[str, float]:
         """Evaluate (if due), then save the checkpoint and write the round row; return test metrics.
 
@@ -66,7 +66,9 @@ class RunTracker:
 
         def write() -> None:
             if save_checkpoint is not None and rnd > 0:
-                save_checkpoint(rnd)  # before the row: a row means the round is complete and saved
+                # before the row: a row means the round is complete and saved; the row also
+                # travels in the checkpoint, so a crash between the two loses nothing
+                save_checkpoint(rnd, row)
             self.run.round_row(row)
             self._progress(rnd, row)
 

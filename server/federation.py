@@ -60,6 +60,8 @@ def setup(cfg: RunConfig, resume: str = "", progress: bool = True, with_data: bo
         checkpoint = run.latest_checkpoint()
         done = int(checkpoint["round"]) if checkpoint else 0
         run.truncate_after(done)
+        if checkpoint and checkpoint.get("row") and done not in {r["round"] for r in run.rounds()}:
+            run.round_row(checkpoint["row"])  # the process died between checkpoint and row
         log.info("resuming %s after round %d of %d", run.path, done, cfg.rounds)
     else:
         run = RunDir.create(cfg)
@@ -169,11 +171,11 @@ def federate(grid: Grid, sr: ServerRun) -> dict[str, Any]:
     tracker = RunTracker(cfg, run, tester, device, sr.start_round)
     slots = sr.slots or len(node_sites)
 
-    def snapshot() -> Callable[[int], None]:
+    def snapshot() -> Callable[[int, dict], None]:
         """Copy the model and strategy state now; the returned writer may run later."""
         state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         strat = export_state(strategy)
-        return lambda rnd: run.save_checkpoint(rnd, state, cfg, cfg.keep_checkpoints, strategy=strat)
+        return lambda rnd, row: run.save_checkpoint(rnd, state, cfg, cfg.keep_checkpoints, strategy=strat, row=row)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         rnd = server_round + sr.start_round

@@ -1,0 +1,75 @@
+"""Faults and attacks through the real simulation engine (Flower on Ray)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from tests.test_simulation import rows, sim
+
+
+def rejected(tmp_path, name) -> dict[str, str]:
+    return {e["site"]: e["reason"] for e in rows(tmp_path / "runs" / name / "events.jsonl") if e["kind"] == "rejected"}
+
+
+def final(tmp_path, name):
+    return torch.load(tmp_path / "runs" / name / "model_final.pt", weights_only=True)["model"]
+
+
+def test_bad_updates_are_rejected_and_the_global_model_is_the_honest_aggregate(tmp_path, tiny_root):
+    base = ("--clients", "4", "--rounds", "1", "--local-epochs", "1")
+    sim(tmp_path, tiny_root, *base, "--inject", "site-2:nan,site-3:shape", "--run-name", "a")
+    sim(tmp_path, tiny_root, *base, "--inject", "site-2:missing,site-3:inflate", "--run-name", "b")
+    # the reference: the same two sites simply crash, so only site-0 and site-1 count
+    sim(tmp_path, tiny_root, *base, "--inject", "site-2:crash,site-3:crash", "--run-name", "ref")
+    ref = final(tmp_path, "ref")
+    for name in ("a", "b"):
+        got = final(tmp_path, name)
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], rtol=0, atol=0, msg=f"{name}: {k}")
+        r = rows(tmp_path / "runs" / name / "rounds.jsonl")[1]
+        assert r["rejected_sites"] == ["site-2", "site-3"] and r["sites_trained"] == 2
+    reasons = rejected(tmp_path, "a")
+    assert "NaN or Inf" in reasons["site-2"] and "shape" in reasons["site-3"]
+    reasons = rejected(tmp_path, "b")
+    assert "missing" in reasons["site-2"] and "exceeds the site's training partition" in reasons["site-3"]
+
+
+def test_a_slow_site_is_left_out_of_the_round_and_stops_at_the_deadline(tmp_path, tiny_root):
+    proc = sim(tmp_path, tiny_root, "--clients", "3", "--rounds", "2", "--local-epochs", "1",
+               "--inject", "site-1:slow", "--round-timeout", "12", "--run-name", "slow")
+    rs = rows(tmp_path / "runs" / "slow" / "rounds.jsonl")
+    assert [r["round"] for r in rs] == [0, 1, 2]
+    for r in rs[1:]:
+        assert r["failed_sites"] == ["site-1"] and r["sites_trained"] == 2
+        assert r["train_phase_seconds"] < 30  # the round closed at its timeout, it did not wait for site-1
+    assert "[site site-1] did not reply in time" in proc.stderr or "passed the round deadline" in proc.stderr
+
+
+def test_random_failures_are_named_and_the_federation_completes(tmp_path, tiny_root):
+    sim(tmp_path, tiny_root, "--clients", "4", "--rounds", "3", "--local-epochs", "1", "--fail-prob", "0.3",
+        "--min-fit-clients", "1", "--run-name", "flaky")
+    run = tmp_path / "runs" / "flaky"
+    rs = rows(run / "rounds.jsonl")
+    assert [r["round"] for r in rs] == [0, 1, 2, 3]
+    failures = [e for e in rows(run / "events.jsonl") if e["kind"] == "failure"]
+    assert failures and all("simulated failure" in e["reason"] for e in failures)
+    assert sum(len(r["failed_sites"]) for r in rs[1:]) == len([e for e in failures if e["phase"] == "train"])
+    assert np.isfinite(json.loads((run / "summary.json").read_text())["test"]["metrics"]["roc_auc"])
+
+
+def test_poisoning_hurts_fedavg_and_the_median_resists(tmp_path, tiny_root):
+    base = ("--clients", "6", "--rounds", "2", "--local-epochs", "1")
+    sim(tmp_path, tiny_root, *base, "--run-name", "clean")
+    sim(tmp_path, tiny_root, *base, "--inject", "site-5:signflip", "--run-name", "avg")
+    sim(tmp_path, tiny_root, *base, "--inject", "site-5:signflip", "--strategy", "fedmedian", "--run-name", "med")
+
+    def dist(name):  # how far the attacked global model is from the clean one
+        a, b = final(tmp_path, "clean"), final(tmp_path, name)
+        return float(sum(((a[k].float() - b[k].float()) ** 2).sum() for k in a if a[k].is_floating_point()) ** 0.5)
+
+    assert dist("med") < 0.5 * dist("avg")
+    loss = {n: rows(tmp_path / "runs" / n / "rounds.jsonl")[-1]["test_loss"] for n in ("clean", "avg", "med")}
+    assert loss["avg"] > loss["med"]
