@@ -112,13 +112,19 @@ def make_plan(scans: list[ScanInfo], n_sites: int, partition: str, *, seed: int 
         groups = _dirichlet(pool, n_sites, alpha, rng)
     else:
         raise ValueError(f"--partition {partition!r}: choose subset, iid, dirichlet or scanner")
-    sites = []
-    for k, (label, members) in enumerate(groups):
+    split = []
+    for label, members in groups:
         uids = [s.seriesuid for s in members]
         rng.shuffle(uids)
         n_val = int(round(len(uids) * val_fraction)) if len(uids) >= 2 else 0
         n_val = max(1, n_val) if len(uids) >= 2 else 0
-        sites.append(Site(f"site-{k}", sorted(uids[n_val:]), sorted(uids[:n_val]), label))
+        split.append((label, sorted(uids[n_val:]), sorted(uids[:n_val])))
+    # Largest training set first: the simulation engine hands sites to its workers in
+    # partition order, so the longest jobs start first and the parallel slots finish
+    # together (a balanced epoch's size follows the number of positives).
+    pos = {s.seriesuid: s.positives for s in scans}
+    split.sort(key=lambda t: (-sum(pos[u] for u in t[1]), -len(t[1])))
+    sites = [Site(f"site-{k}", train, val, label) for k, (label, train, val) in enumerate(split)]
     plan = SitePlan(partition, seed, sites, test, {"alpha": alpha, "test_subsets": list(test_subsets),
                                                    "val_fraction": val_fraction})
     plan.check()

@@ -32,7 +32,7 @@ def encode(arrays: Mapping[str, np.ndarray], dtype: str) -> dict[str, np.ndarray
     for k, v in arrays.items():
         v = np.asarray(v)
         if not np.issubdtype(v.dtype, np.floating) or dtype == "float32":
-            out[k] = v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v
+            out[k] = v.astype(np.float32, copy=False) if np.issubdtype(v.dtype, np.floating) else v
         elif dtype == "float16":
             out[k] = v.astype(np.float16)
         else:

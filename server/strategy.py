@@ -201,9 +201,6 @@ class Guard(Strategy):
         lg.started = time.time()
         config["deadline"] = time.time() + self.cfg.round_timeout
         msgs = list(self.inner.configure_train(rnd, arrays, config, self._ordered_grid(grid, rnd)))
-        # Longest-first: sites with the most examples start first, so the parallel slots
-        # finish together instead of one site training alone at the end of the round.
-        msgs.sort(key=lambda m: -self.limits.get(self.site_of(m.metadata.dst_node_id), 0))
         nbytes = self._encode_into(msgs, arrays)
         lg.sampled = [self.site_of(m.metadata.dst_node_id) for m in msgs]
         lg.bytes_down += nbytes * len(msgs)
@@ -236,7 +233,8 @@ class Guard(Strategy):
                 return site, f"{k} has shape {tuple(v.shape)}, the model has {self.shapes[k]}"
             if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all():
                 return site, f"{k} holds NaN or Inf"
-        content[next(iter(content.array_records))] = ArrayRecord({k: Array(v) for k, v in decoded.items()})
+        if self.cfg.update_dtype != "float32":  # hand the strategy float32 (float32 replies are kept as sent)
+            content[next(iter(content.array_records))] = ArrayRecord({k: Array(v) for k, v in decoded.items()})
         return site, None
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
