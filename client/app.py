@@ -13,6 +13,7 @@ Where the site's data comes from:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -70,6 +71,7 @@ def hello(msg: Message, context: Context) -> Message:
     pinned = {k: str(node[k]) for k in ("image-size", "dp", "arch", "norm") if k in node}
     info = ConfigRecord({
         "site": data.name,
+        "skipped-scans": json.dumps(data.skipped),
         "model-signature": model_lib.signature(model),
         "patch-size": int(data.cache.spec.size),
         "pinned": ",".join(f"{k}={v}" for k, v in sorted(pinned.items())),

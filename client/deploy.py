@@ -5,6 +5,8 @@ Node config keys (``flower-supernode --node-config "k=v k2=v2"``):
 ``site-name``  the hospital's name in the federation's logs and results (required)
 ``data-path``  its LUNA16-format folder (subset*/, annotations.csv, candidates); read only
 ``cache-path`` a writable folder for its patch cache (default: ``<LUNAFL_HOME>/site-cache``)
+``on-bad-scan`` skip (default: the run's setting) or fail: what this hospital does with a
+               scan it cannot read (skipped scans are reported by name at the handshake)
 ``state-path`` a writable folder for what outlives a round, e.g. the privacy ledger
                (default: ``<cache-path>/state``)
 
@@ -47,7 +49,8 @@ def deployed_site(cfg: RunConfig, node: Mapping[str, object]) -> SiteData:
     with _lock:
         if key not in _sites:
             luna = load_luna16(data_path)
-            cache = build_cache(luna, patch_spec(cfg), cache_path, workers=cfg.workers, on_bad_scan=cfg.on_bad_scan,
+            on_bad = str(node.get("on-bad-scan", cfg.on_bad_scan))  # the hospital may decide for its own data
+            cache = build_cache(luna, patch_spec(cfg), cache_path, workers=cfg.workers, on_bad_scan=on_bad,
                                 max_neg_per_scan=cfg.max_neg_per_scan, seed=cfg.seed, progress=False)
             scans = np.array(cache.scan_ids(), dtype=object)
             rng = np.random.default_rng([cfg.seed, 17])
@@ -55,5 +58,6 @@ def deployed_site(cfg: RunConfig, node: Mapping[str, object]) -> SiteData:
             n_val = max(1, int(round(len(scans) * cfg.val_fraction))) if len(scans) >= 2 else 0
             val, train = sorted(scans[:n_val]), sorted(scans[n_val:])
             state = Path(str(node.get("state-path", cache_path / "state")))
-            _sites[key] = SiteData(name, cache, cache.rows_of(train), cache.rows_of(val), state)
+            _sites[key] = SiteData(name, cache, cache.rows_of(train), cache.rows_of(val), state,
+                                   dict(cache.meta.get("skipped_scans", {})))
         return _sites[key]

@@ -13,7 +13,7 @@ import hashlib
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,7 @@ class SiteData:
     train: np.ndarray  # positions in the cache index
     val: np.ndarray
     state_dir: Path | None = None  # where the site keeps what must outlive a round (privacy ledger)
+    skipped: dict[str, str] = field(default_factory=dict)  # its unreadable scans (deployment), by name
 
     def train_size(self, cfg: RunConfig) -> int:
         return epoch_size(self.cache, self.train, cfg.neg_ratio)

@@ -8,6 +8,7 @@ tests the global model, checkpoints it and reports progress after every round.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from common.partition import format_summary, save_summary, summary_rows
 from common.results import RunDir
 from common.tracker import RunTracker
 
-from .strategy import Guard, export_state, import_state, make_strategy, wait_for_nodes
+from .strategy import Guard, _short, export_state, import_state, make_strategy, quorum, wait_for_nodes
 
 log = logging.getLogger("luna_fl")
 
@@ -92,8 +93,16 @@ def base_config(sr: ServerRun) -> ConfigRecord:
     return ConfigRecord(rec)
 
 
-def handshake(grid: Grid, sr: ServerRun, server_signature: str) -> tuple[dict[int, str], dict[str, dict]]:
-    """Ask every site who it is and what it trains; refuse to start on any disagreement."""
+def handshake(grid: Grid, sr: ServerRun, server_signature: str
+              ) -> tuple[dict[int, str], dict[str, dict], dict[int, str]]:
+    """Ask every site who it is and what it trains.
+
+    A disagreement (model, input size, a setting a site requires) stops the run before
+    any training, naming both values. A site that cannot take part at all (its data
+    cannot be read, its node config is incomplete) is named and left out, and the
+    federation goes on if enough sites remain (``--min-fit-clients``). Returns
+    ``(node -> site, site -> info, excluded node -> reason)``.
+    """
     cfg = sr.cfg
     nodes = wait_for_nodes(grid, cfg.clients, cfg.node_timeout)
     msgs = [Message(RecordDict({"config": base_config(sr)}), dst_node_id=n, message_type=MessageType.QUERY)
@@ -101,11 +110,13 @@ def handshake(grid: Grid, sr: ServerRun, server_signature: str) -> tuple[dict[in
     replies = list(grid.send_and_receive(msgs, timeout=cfg.node_timeout))
     node_sites: dict[int, str] = {}
     info: dict[str, dict] = {}
+    excluded: dict[int, str] = {}
     problems = []
     for r in replies:
         node = r.metadata.src_node_id
         if r.has_error():
-            problems.append(f"node {node}: {' '.join(r.error.reason.split())[:400]}")
+            excluded[node] = _short(r.error.reason, 600)
+            log.warning("node %d cannot take part and is left out of this run: %s", node, excluded[node])
             continue
         rec = r.content["site"]
         site = str(rec["site"])
@@ -113,7 +124,10 @@ def handshake(grid: Grid, sr: ServerRun, server_signature: str) -> tuple[dict[in
             problems.append(f"two nodes call themselves {site}")
         node_sites[node] = site
         metrics = {k: float(v) for k, v in r.content["metrics"].items()}
-        info[site] = {"node": node, **metrics}
+        skipped = json.loads(str(rec.get("skipped-scans", "{}")))
+        info[site] = {"node": node, **metrics, "skipped_scans": skipped}
+        for uid, why in sorted(skipped.items()):
+            log.warning("[site %s] skipped scan %s: %s", site, uid, why)
         if rec["model-signature"] != server_signature:
             problems.append(f"{site} builds a different model (signature {rec['model-signature']}) than the "
                             f"server (signature {server_signature}, --arch {cfg.arch} --norm {cfg.norm})")
@@ -129,10 +143,15 @@ def handshake(grid: Grid, sr: ServerRun, server_signature: str) -> tuple[dict[in
         problems.append(f"{len(nodes) - len(replies)} node(s) did not answer within --node-timeout")
     if problems:
         raise HandshakeError("sites and server disagree; nothing was trained:\n  " + "\n  ".join(problems))
+    need = quorum(cfg, cfg.clients)
+    if len(node_sites) < need:
+        raise HandshakeError(f"only {len(node_sites)} of {len(nodes)} sites can take part, at least {need} needed "
+                             "(--min-fit-clients):\n  " + "\n  ".join(f"node {n}: {why}"
+                                                                      for n, why in excluded.items()))
     for site, d in sorted(info.items()):
         log.info("[site %s] joined (node %d): %d training examples per epoch, %d validation candidates",
                  site, d["node"], d["train-size"], d["val-size"])
-    return node_sites, info
+    return node_sites, info, excluded
 
 
 def site_limits(sr: ServerRun, info: dict[str, dict]) -> dict[str, int]:
@@ -159,14 +178,14 @@ def federate(grid: Grid, sr: ServerRun) -> dict[str, Any]:
         model_lib.load_weights(model, cfg.weights)
     model = model.to(device)
     reference = model_lib.get_arrays(model)
-    node_sites, info = handshake(grid, sr, model_lib.signature(reference))
-    run.write_json("handshake.json", info)
+    node_sites, info, excluded = handshake(grid, sr, model_lib.signature(reference))
+    run.write_json("handshake.json", {**info, **({"excluded_nodes": excluded} if excluded else {})})
 
     strategy = make_strategy(cfg, len(node_sites))
     if sr.checkpoint and sr.checkpoint.get("strategy"):
         import_state(strategy, sr.checkpoint["strategy"])
     guard = Guard(strategy, cfg, reference, node_sites, site_limits(sr, info), round_offset=sr.start_round,
-                  on_event=run.event)
+                  on_event=run.event, excluded=set(excluded))
     tester = TestSplit.from_prepared(sr.prepared) if sr.prepared is not None else None
     tracker = RunTracker(cfg, run, tester, device, sr.start_round)
     slots = sr.slots or len(node_sites)

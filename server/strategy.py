@@ -149,7 +149,8 @@ class Guard(Strategy):
 
     def __init__(self, inner: Strategy, cfg: RunConfig, reference: dict[str, np.ndarray],
                  node_sites: dict[int, str], limits: dict[str, int], *, round_offset: int = 0,
-                 on_event: Callable[[str, int, str, dict], None] | None = None) -> None:
+                 on_event: Callable[[str, int, str, dict], None] | None = None,
+                 excluded: set[int] | None = None) -> None:
         self.inner = inner
         self.cfg = cfg
         self.shapes = {k: tuple(np.shape(v)) for k, v in reference.items()}
@@ -159,10 +160,19 @@ class Guard(Strategy):
         self.round_offset = round_offset
         self.on_event = on_event or (lambda kind, rnd, site, data: None)
         self.rounds: dict[int, RoundLog] = {}
+        self.excluded = set(excluded or ())  # nodes that could not take part at the handshake
+        self._sent: dict[tuple[int, str], list[Message]] = {}
 
     # ---- helpers ----
     def site_of(self, node_id: int) -> str:
         return self.node_sites.get(node_id, f"node-{node_id}")
+
+    def sender(self, reply: Message, rnd: int, phase: str) -> str:
+        """The site a reply answers for. An error the SuperLink writes itself for a node that
+        went away comes from the SuperLink's own id; the instruction it answers names the site."""
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent.get((rnd, phase), [])}
+        node = sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        return self.site_of(node)
 
     def _round(self, server_round: int) -> int:
         return server_round + self.round_offset
@@ -171,9 +181,13 @@ class Guard(Strategy):
         return self.rounds.setdefault(rnd, RoundLog())
 
     def _ordered_grid(self, grid: Grid, rnd: int) -> Grid:
-        wait_for_nodes(grid, self.inner_min_available(), self.cfg.node_timeout)
+        # Give every site up to --node-timeout to be connected (a restarted hospital rejoins
+        # here), then go on with whoever is there, down to the quorum.
+        expected = len(set(self.node_sites) - self.excluded) or self.inner_min_available()
+        wait_for_nodes(grid, expected, self.cfg.node_timeout, at_least=self.inner_min_available(),
+                       excluded=self.excluded)
         random.seed(f"{self.cfg.seed}:{rnd}")  # Flower samples with the global `random`
-        return _SiteOrderedGrid(grid, self.site_of)
+        return _SiteOrderedGrid(grid, self.site_of, self.excluded)
 
     def inner_min_available(self) -> int:
         s = self.inner
@@ -202,6 +216,7 @@ class Guard(Strategy):
         config["deadline"] = time.time() + self.cfg.round_timeout
         msgs = list(self.inner.configure_train(rnd, arrays, config, self._ordered_grid(grid, rnd)))
         nbytes = self._encode_into(msgs, arrays)
+        self._sent[(rnd, "train")] = msgs
         lg.sampled = [self.site_of(m.metadata.dst_node_id) for m in msgs]
         lg.bytes_down += nbytes * len(msgs)
         return msgs
@@ -243,7 +258,7 @@ class Guard(Strategy):
         lg = self._log(rnd)
         accepted: list[tuple[str, Message]] = []
         for msg in replies:
-            site = self.site_of(msg.metadata.src_node_id)
+            site = self.sender(msg, rnd, "train")
             if msg.has_error():
                 lg.failed[site] = _short(msg.error.reason)
                 log.warning("[round %d] [site %s] failed: %s", rnd, site, _short(msg.error.reason))
@@ -295,6 +310,7 @@ class Guard(Strategy):
         rnd = self._round(server_round)
         msgs = list(self.inner.configure_evaluate(rnd, arrays, config, self._ordered_grid(grid, rnd)))
         nbytes = self._encode_into(msgs, arrays)
+        self._sent[(rnd, "evaluate")] = msgs
         self._log(rnd).bytes_down += nbytes * len(msgs)
         return msgs
 
@@ -303,7 +319,7 @@ class Guard(Strategy):
         lg = self._log(rnd)
         ok: list[tuple[str, Message]] = []
         for msg in replies:
-            site = self.site_of(msg.metadata.src_node_id)
+            site = self.sender(msg, rnd, "evaluate")
             if msg.has_error():
                 log.warning("[round %d] [site %s] evaluation failed: %s", rnd, site, _short(msg.error.reason))
                 self.on_event("failure", rnd, site, {"phase": "evaluate", "reason": msg.error.reason})
@@ -316,6 +332,7 @@ class Guard(Strategy):
         ok.sort(key=lambda sm: sm[0])
         out = self.inner.aggregate_evaluate(rnd, [m for _, m in ok]) if ok else None
         lg.evaluated = time.time()
+        self._sent = {k: v for k, v in self._sent.items() if k[0] > rnd}  # keep memory flat
         return out
 
     def summary(self) -> None:
@@ -325,26 +342,38 @@ class Guard(Strategy):
 class _SiteOrderedGrid:
     """A view of the Grid whose node list is in site-name order (for reproducible sampling)."""
 
-    def __init__(self, grid: Grid, site_of: Callable[[int], str]) -> None:
+    def __init__(self, grid: Grid, site_of: Callable[[int], str], excluded: set[int] | None = None) -> None:
         self._grid = grid
         self._site_of = site_of
+        self._excluded = excluded or set()
 
     def get_node_ids(self) -> list[int]:
-        return sorted(self._grid.get_node_ids(), key=lambda n: (self._site_of(n), n))
+        nodes = [n for n in self._grid.get_node_ids() if n not in self._excluded]
+        return sorted(nodes, key=lambda n: (self._site_of(n), n))
 
     def __getattr__(self, name: str):
         return getattr(self._grid, name)
 
 
-def wait_for_nodes(grid: Grid, needed: int, timeout: float) -> list[int]:
-    """Node ids once ``needed`` are connected; NodesUnavailable after ``timeout`` seconds."""
+def wait_for_nodes(grid: Grid, needed: int, timeout: float, at_least: int | None = None,
+                   excluded: set[int] | None = None) -> list[int]:
+    """Node ids once ``needed`` are connected.
+
+    After ``timeout`` seconds: with ``at_least`` set and that many connected, go on with
+    them (a warning says how many are missing); otherwise NodesUnavailable.
+    """
     deadline = time.time() + timeout
     last = -1
+    excluded = excluded or set()
     while True:
-        nodes = list(grid.get_node_ids())
+        nodes = [n for n in grid.get_node_ids() if n not in excluded]
         if len(nodes) >= needed:
             return nodes
         if time.time() > deadline:
+            if at_least is not None and len(nodes) >= at_least:
+                log.warning("only %d of %d sites are connected after --node-timeout %gs; the round goes on "
+                            "with them", len(nodes), needed, timeout)
+                return nodes
             raise NodesUnavailable(f"only {len(nodes)} of the {needed} sites connected within --node-timeout "
                                    f"{timeout:g}s; check that every SuperNode is running and can reach the "
                                    "SuperLink, or lower --clients")

@@ -465,3 +465,40 @@ def test_the_gateway_forwards_only_the_fleet_api(federation, tmp_path):
     finally:
         federation.procs.stop("hospital-c")
         federation.procs.stop("gateway")
+
+
+def test_a_hospital_killed_mid_round_is_named_and_rejoins_the_next_round(federation, run):
+    """A SuperNode dies (SIGKILL) while it trains in round 1: the round closes with the other
+    hospital, names the lost one, and the restarted SuperNode trains again in round 2."""
+    import psutil
+
+    run_name = "site-crash"
+    results = federation.state / "runs" / run_name
+    cfg = TINY.replace("rounds=2", "rounds=2 round-timeout=60 node-timeout=120 min-fit-clients=1")
+    env = federation.server_env(LUNAFL_RUN_CONFIG=cfg, LUNAFL_RUN_NAME=run_name)
+    proc = federation.procs.start("run-crash", [sys.executable, str(ENTRY), "run"], env)
+    victim = SITES[1]
+
+    def victim_is_training() -> bool:  # round 0 is evaluated, and the victim runs a ClientApp process
+        node = federation.procs.procs[victim]
+        started = (results / "rounds.jsonl").exists() and any(r["round"] == 0 for r in rows(results / "rounds.jsonl"))
+        kids = psutil.Process(node.pid).children(recursive=True) if node.poll() is None else []
+        return started and any("clientapp" in " ".join(p.cmdline()) for p in kids)
+
+    wait_for(f"{victim} training in round 1", victim_is_training, 300, proc, lambda: federation.procs.log("run-crash"))
+    federation.procs.stop(victim, signal.SIGKILL)
+
+    def failure_logged() -> bool:
+        return (results / "events.jsonl").exists() and any(
+            e["kind"] == "failure" and e["site"] == victim for e in rows(results / "events.jsonl"))
+
+    wait_for("round 1 names the lost hospital", failure_logged, 240, proc, lambda: federation.procs.log("run-crash"))
+    federation.start_sites(victim)  # the hospital's IT restarts the container; round 2 waits for it
+    proc.wait(600)
+    log = federation.procs.log("run-crash")
+    assert proc.returncode == 0, log[-4000:]
+    r1, r2 = (r for r in rows(results / "rounds.jsonl") if r["round"] in (1, 2))
+    assert r1["failed_sites"] == [victim] and r1["sites_trained"] == 1
+    assert r2["failed_sites"] == [] and r2["sites_trained"] == 2  # back in the next round
+    failures = [e for e in rows(results / "events.jsonl") if e["kind"] == "failure" and e["site"] == victim]
+    assert failures and failures[0]["round"] == 1

@@ -4,7 +4,8 @@ handshake through an in-process grid (no Ray, no network)."""
 from __future__ import annotations
 
 import pytest
-from flwr.app import Context, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import app as client_app
@@ -24,7 +25,14 @@ class InProcessGrid:
         return list(self.contexts)
 
     def send_and_receive(self, messages, timeout=None):
-        return [client_app(message=m, context=self.contexts[m.metadata.dst_node_id]) for m in messages]
+        return [self._deliver(m) for m in messages]
+
+    def _deliver(self, m: Message) -> Message:
+        try:
+            return client_app(message=m, context=self.contexts[m.metadata.dst_node_id])
+        except Exception as exc:  # as Flower's runtimes do: a ClientApp that raises answers with an error
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(exc).__name__}: {exc}"),
+                           reply_to=m)
 
 
 @pytest.fixture
@@ -40,8 +48,8 @@ def nodes(n: int, **pins) -> dict[int, dict]:
 
 def test_agreeing_sites_join_with_their_names_and_sizes(server_run):
     sig = signature(build_model(server_run.cfg.arch, server_run.cfg.norm))
-    node_sites, info = handshake(InProcessGrid(nodes(2)), server_run, sig)
-    assert node_sites == {10: "site-0", 11: "site-1"}
+    node_sites, info, excluded = handshake(InProcessGrid(nodes(2)), server_run, sig)
+    assert node_sites == {10: "site-0", 11: "site-1"} and excluded == {}
     assert all(d["train-size"] > 0 and d["val-size"] > 0 for d in info.values())
 
 
@@ -76,3 +84,33 @@ def test_missing_sites_time_out_clearly(server_run):
 def test_config_refuses_dp_without_group_norm():
     with pytest.raises(ValueError, match="--dp local needs --norm group"):
         RunConfig(dp="local", norm="batch")
+
+
+def test_a_site_with_a_corrupted_scan_reports_it_and_one_that_cannot_read_its_data_is_left_out(
+        server_run, tiny_root, tmp_path, caplog):
+    import shutil
+
+    # hospital-x (deployment style: its own data-path) has one truncated .raw
+    site_x = tmp_path / "hospital-x"
+    shutil.copytree(tiny_root, site_x)
+    victim = next((site_x / "subset4").glob("*.raw"))
+    victim.write_bytes(victim.read_bytes()[:5000])
+    grid = InProcessGrid({
+        10: {"partition-id": 0, "num-partitions": 2},
+        11: {"site-name": "hospital-x", "data-path": str(site_x), "cache-path": str(tmp_path / "cx")},
+        12: {"site-name": "hospital-y", "data-path": str(tmp_path / "nothing-here"),
+             "cache-path": str(tmp_path / "cy")},
+    })
+    sig = signature(build_model(server_run.cfg.arch, server_run.cfg.norm))
+    node_sites, info, excluded = handshake(grid, server_run, sig)
+    assert node_sites == {10: "site-0", 11: "hospital-x"}
+    assert victim.stem in info["hospital-x"]["skipped_scans"]  # reported by name...
+    assert "truncated" in info["hospital-x"]["skipped_scans"][victim.stem]
+    assert info["hospital-x"]["train-size"] > 0  # ...and it trains on the rest
+    assert f"[site hospital-x] skipped scan {victim.stem}" in caplog.text
+    assert list(excluded) == [12] and "data-path" in excluded[12] and "nothing-here" in excluded[12]
+    # a site that must fail on bad data (on-bad-scan=fail in its node config) is left out, named
+    grid.contexts[11].node_config["on-bad-scan"] = "fail"
+    grid.contexts[11].node_config["cache-path"] = str(tmp_path / "cx2")
+    _, _, excluded = handshake(grid, server_run, sig)
+    assert set(excluded) == {11, 12} and victim.stem in excluded[11]
