@@ -26,6 +26,7 @@ from flwr.clientapp import ClientApp  # noqa: E402
 from common import model as model_lib  # noqa: E402
 from common import wire  # noqa: E402
 from common.config import RunConfig  # noqa: E402
+from common.memory import release_freed_memory  # noqa: E402
 
 from .site import SiteData, SiteError, evaluate_site, fails_at_random, simulated_site, train_site  # noqa: E402
 
@@ -96,6 +97,8 @@ def train(msg: Message, context: Context) -> Message:
     metrics["bytes-sent"] = float(wire.nbytes(encoded))
     metrics["finished-at"] = time.time()
     record = ArrayRecord({k: Array(v) for k, v in encoded.items()})
+    del arrays, encoded
+    release_freed_memory()  # an idle site should not hold its training peak
     return _reply(msg, {"arrays": record, "metrics": MetricRecord(metrics), "site": ConfigRecord({"site": data.name})})
 
 
@@ -106,4 +109,5 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics = evaluate_site(cfg, data, _arrays_in(msg, cfg))
     metrics["num-examples"] = float(len(data.val))
     metrics["unit-weight"] = 1.0
+    release_freed_memory()
     return _reply(msg, {"metrics": MetricRecord(metrics), "site": ConfigRecord({"site": data.name})})

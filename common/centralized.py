@@ -69,7 +69,7 @@ def run_centralized(cfg: RunConfig, run: RunDir, prepared: Prepared, checkpoint:
         seen = sum(s["examples"] for s in stats)
         secs = sum(s["seconds"] for s in stats)
         row = {"wall_seconds": time.time() - t0, "train_loss": sum(s["loss"] * s["examples"] for s in stats) / seen,
-               "train_seconds": secs, "images_per_s": seen / secs}
+               "train_seconds": secs, "images_per_s": seen / secs, "train_examples": seen}
         tracker.end_round(rnd, model, row, snapshot())
     summary = tracker.finish(model, {"mode": "centralized", "pooled_scans": len(pooled)})
     log.info("results in %s", run.path)

@@ -25,6 +25,7 @@ from common.config import RunConfig
 from common.data import Prepared, prepare
 from common.dataset import epoch_size
 from common.evaluation import TestSplit
+from common.memory import release_freed_memory
 from common.partition import format_summary, save_summary, summary_rows
 from common.results import RunDir
 from common.tracker import RunTracker
@@ -207,6 +208,7 @@ def federate(grid: Grid, sr: ServerRun) -> dict[str, Any]:
             row["dp_central_epsilon"], row["dp_central_delta"] = spent.epsilon, spent.delta
         save = snapshot() if rnd > 0 else None
         test = tracker.end_round(rnd, model, row, save, finalize=lambda: round_times(guard, rnd, slots))
+        release_freed_memory()  # the round's replies are gone; keep the server's footprint flat
         return MetricRecord({k: float(v) for k, v in test.items() if np.isfinite(v)})
 
     train_cfg, eval_cfg = base_config(sr), base_config(sr)

@@ -269,6 +269,7 @@ class Guard(Strategy):
                 lg.rejected[site] = reason
                 log.warning("[round %d] [site %s] update rejected: %s", rnd, site, reason)
                 self.on_event("rejected", rnd, site, {"phase": "train", "reason": reason})
+                _drop_weights(msg)
                 continue
             metrics = {k: float(v) for k, v in next(iter(msg.content.metric_records.values())).items()
                        if not isinstance(v, list)}
@@ -288,6 +289,8 @@ class Guard(Strategy):
                               f"{_names(lg.failed)}; rejected: {_names(lg.rejected)}")
         accepted.sort(key=lambda sm: sm[0])
         arrays, metrics = self.inner.aggregate_train(rnd, [m for _, m in accepted])
+        for _, msg in accepted:  # Flower's loop holds this round's replies through the next round:
+            _drop_weights(msg)  # let their ~100 MB each go now
         if arrays is None:
             raise RoundFailed(f"round {rnd}: the {self.cfg.strategy} strategy produced no global model")
         out = {}
@@ -337,6 +340,11 @@ class Guard(Strategy):
 
     def summary(self) -> None:
         self.inner.summary()
+
+
+def _drop_weights(msg: Message) -> None:
+    """Remove the weights from an aggregated reply, keeping its metrics and configs."""
+    msg.content = RecordDict({k: v for k, v in msg.content.items() if not isinstance(v, ArrayRecord)})
 
 
 class _SiteOrderedGrid:

@@ -50,6 +50,18 @@ def test_report_builds_and_its_numbers_equal_the_runs_json(finished_runs, tmp_pa
     assert "never use these figures" in md and "accuracy (natural ratio)" in md
     assert page.count("data:image/png;base64,") >= 3  # learning curves, ROC, FROC embedded
     assert "<table>" in page and "src=\"learning_curves.png\"" not in page  # self-contained
+    # the optimizer-steps evidence: a federated round moves the model by one site's local path
+    fed_cfg = json.loads((finished_runs / "fed" / "config.json").read_text())["config"]
+    trains = [e for e in map(json.loads, (finished_runs / "fed" / "events.jsonl").read_text().splitlines())
+              if e["kind"] == "train"]
+    per_round: dict[int, list[int]] = {}
+    for e in trains:
+        per_round.setdefault(e["round"], []).append(
+            fed_cfg["local_epochs"] * -(-int(e["num-examples"]) // fed_cfg["batch_size"]))
+    expected = sum(sum(v) / len(v) for v in per_round.values())
+    why = next(line for line in md.splitlines() if line.startswith("| fed | ") and "[" not in line and "site" not in line
+               and line.count("|") == 6)
+    assert float(why.split("|")[2]) == pytest.approx(expected, abs=0.5)
 
 
 def test_report_names_an_unfinished_folder(tmp_path):
