@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         from server.app import server_app_for
 
         backend, sr.slots = backend_config(cfg, args.verbose)
-        log.info("simulating %d sites on Ray, %d training at once", cfg.clients, sr.slots)
+        where = f"the Ray cluster at {cfg.ray_address}" if cfg.ray_address else "a local Ray instance"
+        log.info("simulating %d sites on %s, %d training at once", cfg.clients, where, sr.slots)
         run_simulation(server_app=server_app_for(sr), client_app=client_app, num_supernodes=cfg.clients,
                        backend_config=backend, verbose_logging=args.verbose)
     print(f"\nResults: {sr.run.path}\n  summary.json, rounds.jsonl, learning_curves.png, roc.png, froc.png, "

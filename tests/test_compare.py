@@ -59,8 +59,8 @@ def test_report_builds_and_its_numbers_equal_the_runs_json(finished_runs, tmp_pa
         per_round.setdefault(e["round"], []).append(
             fed_cfg["local_epochs"] * -(-int(e["num-examples"]) // fed_cfg["batch_size"]))
     expected = sum(sum(v) / len(v) for v in per_round.values())
-    why = next(line for line in md.splitlines() if line.startswith("| fed | ") and "[" not in line and "site" not in line
-               and line.count("|") == 6)
+    why = next(line for line in md.splitlines()
+               if line.startswith("| fed | ") and "[" not in line and "site" not in line and line.count("|") == 6)
     assert float(why.split("|")[2]) == pytest.approx(expected, abs=0.5)
 
 
@@ -68,3 +68,28 @@ def test_report_names_an_unfinished_folder(tmp_path):
     p = subprocess.run([sys.executable, "sim/compare.py", "--runs", str(tmp_path), "--out", str(tmp_path / "r")],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "no summary.json" in p.stderr
+
+
+def test_folds_run_the_baseline_once_per_test_subset(finished_runs, tiny_root, tmp_path):
+    import csv
+    import os
+
+    env = {**os.environ, "LUNAFL_HOME": str(tmp_path / "home")}
+    p = subprocess.run([sys.executable, "sim/compare.py", "--runs", str(finished_runs / "central"), "--labels",
+                        "central", "--folds", "0,9", "--runs-dir", str(tmp_path / "folds"), "--out",
+                        str(tmp_path / "report"), "--data", str(tiny_root), "--cache-dir", str(tmp_path / "cache"),
+                        "--image-size", "32", "--arch", "resnet10", "--batch-size", "8", "--workers", "1",
+                        "--seed", "3", "--clients", "2", "--rounds", "1", "--local-epochs", "1"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    subset_of = {f.stem: int(f.parent.name.removeprefix("subset")) for f in tiny_root.glob("subset*/*.mhd")}
+    for k in (0, 9):
+        run = tmp_path / "folds" / f"fold-{k}"
+        cfg = json.loads((run / "config.json").read_text())["config"]
+        assert cfg["mode"] == "centralized" and str(cfg["test_subsets"]) == str(k)
+        test = json.loads((run / "sites.json").read_text())["test"]
+        assert test and {subset_of[u] for u in test} == {k}  # fold k tests on subset k only
+        with open(run / "submission.csv") as fh:
+            assert {row["seriesuid"] for row in csv.DictReader(fh)} == set(test)
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "LUNA16 cross-validation by subset" in md and "mean ± sd" in md

@@ -123,3 +123,33 @@ def test_resume_with_a_different_config_is_a_clear_error(tmp_path, tiny_root):
                            "--lr", "0.5"], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2
     assert "cannot resume with a different configuration" in proc.stderr and "--lr" in proc.stderr
+
+
+def test_ray_address_attaches_to_a_running_ray_cluster(tmp_path, tiny_root):
+    """--ray-address: the federation runs on a Ray cluster started beforehand (`ray start --head`)."""
+    import socket
+    import tempfile
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
+    head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+                             "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "2",
+                             "--include-dashboard", "false", "--temp-dir", ray_tmp],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # its own process group: stopped below, not with `ray stop`
+    try:
+        proc = sim(tmp_path, tiny_root, "--clients", "2", "--rounds", "1", "--local-epochs", "1",
+                   "--ray-address", f"127.0.0.1:{port}", "--run-name", "attached", timeout=400)
+        rs = rows(tmp_path / "runs" / "attached" / "rounds.jsonl")
+        assert [r["round"] for r in rs] == [0, 1] and rs[1]["sites_trained"] == 2
+        assert f"127.0.0.1:{port}" in proc.stderr + proc.stdout  # it says which cluster it joined
+        assert head.poll() is None  # the cluster outlives the run that borrowed it
+    finally:
+        os.killpg(head.pid, 15)
+        try:
+            head.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, 9)
