@@ -56,7 +56,9 @@ def roc_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: Path) 
     fig = Figure(figsize=(5.5, 5))
     ax = fig.subplots()
     for label, (y, z) in curves.items():
-        if 0 < np.sum(y) < len(y):
+        if not np.isfinite(z).all():  # a broken (e.g. poisoned) model: say so instead of a curve
+            ax.plot([], [], ls="none", label=f"{label}: no curve, the model gives non-finite outputs")
+        elif 0 < np.sum(y) < len(y):
             fpr, tpr, _ = roc_curve(y, z)
             ax.plot(fpr, tpr, label=f"{label} (AUC {roc_auc_score(y, z):.3f})")
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)

@@ -93,3 +93,15 @@ def test_folds_run_the_baseline_once_per_test_subset(finished_runs, tiny_root, t
             assert {row["seriesuid"] for row in csv.DictReader(fh)} == set(test)
     md = (tmp_path / "report" / "report.md").read_text()
     assert "LUNA16 cross-validation by subset" in md and "mean ± sd" in md
+
+
+def test_roc_plot_of_a_model_with_non_finite_outputs_says_so_instead_of_failing(tmp_path):
+    """A poisoned FedAvg model can output NaN (negative BatchNorm variances): its run must still finish."""
+    import numpy as np
+
+    from common.plots import roc_curves
+
+    y = np.array([0, 1, 0, 1, 0], dtype=np.float32)
+    roc_curves({"poisoned": (y, np.full(5, np.nan, dtype=np.float32)),
+                "fine": (y, np.array([0.1, 0.9, 0.2, 0.7, 0.3], dtype=np.float32))}, tmp_path / "roc.png")
+    assert (tmp_path / "roc.png").stat().st_size > 1000
