@@ -96,16 +96,28 @@ def test_failing_site_is_named_and_quorum_enforced(caplog):
         g2.aggregate_train(1, [reply(1, arrays(1), 10), reply(2, arrays(2), 10), reply(3, {}, 0, error="x")])
 
 
-def test_robust_strategy_resists_a_scaled_sign_flipped_update():
+@pytest.mark.parametrize("strategy", ["fedmedian", "fedtrimmedavg", "krum"])
+def test_robust_strategy_resists_a_scaled_sign_flipped_update(strategy):
     honest = [arrays(k) for k in (1, 2, 3, 4)]
     attack = {k: (-50 * v if v.dtype.kind == "f" else v) for k, v in arrays(5).items()}
     reps = [reply(k + 1, a, 10) for k, a in enumerate(honest)] + [reply(5, attack, 10)]
-    g = guard("fedmedian")
+    g = guard(strategy)
     g._log(1).sampled.append("site-5")
     out, _ = g.aggregate_train(1, reps)
-    med = np.median(np.stack([h["w"] for h in honest] + [attack["w"]]), axis=0)
-    np.testing.assert_allclose(out["w"].numpy(), med, rtol=1e-6)
+    ws = np.stack([h["w"] for h in honest] + [attack["w"]])
+    if strategy == "fedmedian":
+        expected = np.median(ws, axis=0)
+    elif strategy == "fedtrimmedavg":  # beta 0.2 of 5 updates: one trimmed at each end, per coordinate
+        expected = np.sort(ws, axis=0)[1:4].mean(axis=0)
+    else:  # krum keeps one honest update whole
+        expected = next(h["w"] for h in honest if np.allclose(h["w"], out["w"].numpy(), rtol=1e-6))
+    np.testing.assert_allclose(out["w"].numpy(), expected, rtol=1e-5, atol=1e-6)
     assert np.abs(out["w"].numpy()).max() < 5  # the attacker did not drag the model away
+    naive = guard("fedavg")  # and FedAvg, for contrast, is dragged far
+    naive._log(1).sampled.append("site-5")
+    fresh = [reply(k + 1, a, 10) for k, a in enumerate(honest)] + [reply(5, attack, 10)]  # the guard
+    avg, _ = naive.aggregate_train(1, fresh)  # drops aggregated replies' weights, so new messages
+    assert np.abs(avg["w"].numpy()).max() > 5
 
 
 def test_half_precision_on_the_wire_is_decoded_to_float32():
