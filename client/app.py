@@ -20,7 +20,7 @@ import time
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # a hospital's node does not phone home
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
 from common import model as model_lib  # noqa: E402
@@ -53,8 +53,7 @@ def site_data(cfg: RunConfig, rec: ConfigRecord, context: Context) -> SiteData:
 
 
 def _arrays_in(msg: Message, cfg: RunConfig) -> dict:
-    arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
-    return wire.decode(arrays, cfg.update_dtype)
+    return wire.decode(wire.views(msg.content["arrays"]), cfg.update_dtype)
 
 
 def _reply(msg: Message, content: dict) -> Message:
@@ -84,22 +83,34 @@ def hello(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    started = time.time()
     cfg, rec = _config(msg)
     server_round = int(rec["server-round"])
     data = site_data(cfg, rec, context)
     if fails_at_random(cfg, data.name, server_round):
         raise SiteError(f"[site {data.name}] simulated failure in round {server_round} (--fail-prob {cfg.fail_prob})")
     deadline = float(rec["deadline"]) if "deadline" in rec else None
-    arrays, metrics = train_site(cfg, data, _arrays_in(msg, cfg), server_round, deadline=deadline)
+    incoming = _arrays_in(msg, cfg)
+    content, val_seconds = {}, 0.0
+    if int(rec.get("evaluate-first", 0)):  # --site-eval fused: the previous round's global model
+        t_val = time.perf_counter()
+        val = evaluate_site(cfg, data, incoming)
+        val["num-examples"] = float(len(data.val))
+        content["val"] = ConfigRecord(val)
+        val_seconds = time.perf_counter() - t_val
+    arrays, metrics = train_site(cfg, data, incoming, server_round, deadline=deadline)
+    metrics["val-seconds"] = val_seconds
     metrics["num-examples"] = float(data.train_size(cfg)) * metrics.pop("inflate-factor", 1.0)
     metrics["unit-weight"] = 1.0  # equal weights, for client-level (central) DP accounting
     encoded = wire.encode(arrays, cfg.update_dtype)
     metrics["bytes-sent"] = float(wire.nbytes(encoded))
-    metrics["finished-at"] = time.time()
-    record = ArrayRecord({k: Array(v) for k, v in encoded.items()})
+    record = wire.to_record(encoded)
     del arrays, encoded
     release_freed_memory()  # an idle site should not hold its training peak
-    return _reply(msg, {"arrays": record, "metrics": MetricRecord(metrics), "site": ConfigRecord({"site": data.name})})
+    metrics["started-at"] = started  # with finished-at: where a round's time goes (sim/bench.py)
+    metrics["finished-at"] = time.time()
+    return _reply(msg, {"arrays": record, "metrics": MetricRecord(metrics), "site": ConfigRecord({"site": data.name}),
+                        **content})
 
 
 @app.evaluate()

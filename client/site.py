@@ -104,6 +104,9 @@ def train_site(cfg: RunConfig, data: SiteData, arrays: dict[str, np.ndarray], se
                deadline: float | None = None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Local training for one round: returns the new weights and the round's metrics.
 
+    The weights are views of this process's warm model (no 94 MB copy): serialise or copy
+    them before the next call.
+
     With ``--dp local`` the same engine runs on Opacus' wrapped model, optimizer, loss and
     Poisson-sampling loader (:mod:`common.privacy`); everything else is identical.
     """
@@ -117,7 +120,8 @@ def train_site(cfg: RunConfig, data: SiteData, arrays: dict[str, np.ndarray], se
     # Seed after the (possibly first) model build, which draws from the same generator:
     # Opacus' Poisson sampler uses it, and a warm and a fresh process must draw alike.
     torch.manual_seed(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.Adam(model_lib.set_trainable(model, cfg.train_params), lr=cfg.lr,
+                                 weight_decay=cfg.weight_decay)
     extra = proximal_term(model, cfg.proximal_mu) if cfg.strategy == "fedprox" else None
     prefix = f"[site {data.name}] [round {server_round}] "
 
@@ -157,7 +161,7 @@ def train_site(cfg: RunConfig, data: SiteData, arrays: dict[str, np.ndarray], se
         metrics.update({"dp-epsilon": privacy["epsilon"], "dp-delta": privacy["delta"],
                         "dp-noise": privacy["noise_multiplier"], "dp-steps": float(privacy["steps"]),
                         "dp-sample-rate": privacy["sample_rate"]})
-    out = model_lib.get_arrays(model)
+    out = model_lib.get_arrays(model, copy=False)
     if injected:
         out = misbehave(injected, out, arrays, metrics)
     return out, metrics

@@ -32,7 +32,8 @@ def run_centralized(cfg: RunConfig, run: RunDir, prepared: Prepared, checkpoint:
     device = model_lib.resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = model_lib.build_model(cfg.arch, cfg.norm)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.Adam(model_lib.set_trainable(model, cfg.train_params), lr=cfg.lr,
+                                 weight_decay=cfg.weight_decay)
     start = 0
     if checkpoint:
         model.load_state_dict(checkpoint["model"])

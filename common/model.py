@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -67,6 +68,28 @@ def build_model(arch: str = "resnet50", norm: str = "batch") -> nn.Module:
     return model
 
 
+TRAIN_PARAMS = ("all", "norms+head")
+
+
+def set_trainable(model: nn.Module, which: str) -> list[nn.Parameter]:
+    """Choose which weights training updates; returns them (for the optimizer).
+
+    ``norms+head``: only the normalisation layers' scales and shifts and the final
+    classifier (~55 k of ResNet-50's 23.5 M weights); every convolution keeps the weights
+    it was given. Under DP-SGD the noise added per step grows with the number of trained
+    weights while the clipped signal does not, so training fewer weights keeps more signal.
+    """
+    if which not in TRAIN_PARAMS:
+        raise ValueError(f"train params {which!r}: choose one of {', '.join(TRAIN_PARAMS)}")
+    keep: set[int] = set()
+    for m in model.modules():
+        if which == "all" or isinstance(m, (nn.GroupNorm, nn.BatchNorm2d, nn.Linear)):
+            keep.update(id(p) for p in m.parameters(recurse=False))
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def signature(model_or_state: nn.Module | Mapping[str, object]) -> str:
     """Hash of parameter names and shapes: equal signatures mean weights can be exchanged."""
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
@@ -116,16 +139,20 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
         log.info("--weights %s: loaded all but the classification head (new one-logit head)", path)
 
 
-def get_arrays(model: nn.Module) -> dict[str, np.ndarray]:
-    """The model's state as numpy arrays (without Opacus' prefix): what leaves a site."""
-    return {k: v.detach().cpu().numpy().copy() for k, v in strip_prefixes(model.state_dict()).items()}
+def get_arrays(model: nn.Module, copy: bool = True) -> dict[str, np.ndarray]:
+    """The model's state as numpy arrays (without Opacus' prefix): what leaves a site.
+    ``copy=False`` returns views of a CPU model's tensors, valid until it next changes."""
+    out = {k: v.detach().cpu().numpy() for k, v in strip_prefixes(model.state_dict()).items()}
+    return {k: v.copy() for k, v in out.items()} if copy else out
 
 
 def set_arrays(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
     """Load numpy arrays into the model, casting each to the dtype of its tensor."""
     own = model.state_dict()
     prefix = "_module." if next(iter(own)).startswith("_module.") else ""
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # arrays may be read-only views of a message's bytes (common.wire.view): only read here
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         for k, v in arrays.items():
             t = own[prefix + k]
             t.copy_(torch.from_numpy(np.asarray(v)).to(t.dtype))

@@ -99,7 +99,8 @@ class RunTracker:
         if "overhead" in row and row["overhead"] is not None:
             parts.append(f"overhead {row['overhead']:.0%}")
         if row.get("val_roc_auc") is not None and math.isfinite(row["val_roc_auc"]):
-            parts.append(f"site-val AUC {row['val_roc_auc']:.3f}")
+            of = row.get("val_model_round", rnd)
+            parts.append(f"site-val AUC {row['val_roc_auc']:.3f}" + (f" (round {of} model)" if of != rnd else ""))
         if "test_roc_auc" in row:
             parts.append(f"test AUC {row['test_roc_auc']:.3f} CPM {row.get('test_cpm', float('nan')):.3f} "
                          f"acc {row['test_accuracy']:.3f}")

@@ -21,6 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 
 from common import model as model_lib
+from common import wire
 from common.config import RunConfig
 from common.data import Prepared, prepare
 from common.dataset import epoch_size
@@ -201,7 +202,7 @@ def federate(grid: Grid, sr: ServerRun) -> dict[str, Any]:
         rnd = server_round + sr.start_round
         if server_round == 0 and sr.start_round > 0:
             return None  # the resumed model was evaluated before the interruption
-        model_lib.set_arrays(model, {k: v.numpy() for k, v in arrays.items()})
+        model_lib.set_arrays(model, wire.views(arrays))
         row = round_row(guard, rnd) if rnd > 0 else {}
         spent = getattr(strategy, "privacy_spent", lambda: None)()
         if spent is not None and rnd > 0:
@@ -285,13 +286,18 @@ def round_row(guard: Guard, rnd: int) -> dict[str, Any]:
     if lg.train:
         w = np.array([m.get("num-examples", 1.0) for m in lg.train.values()])
         row["train_loss"] = float(np.average([m["train-loss"] for m in lg.train.values()], weights=w))
-    if lg.evaluate:
-        vals = [(m.get("roc_auc", float("nan")), m.get("num-examples", 1.0)) for m in lg.evaluate.values()]
+    # The sites' validation metrics of the newest model they evaluated: this round's
+    # (separate phase, or the last round), else the previous round's (--site-eval fused).
+    val_round = rnd if lg.evaluate else rnd - 1
+    evaluated = guard.rounds[val_round].evaluate if val_round in guard.rounds else {}
+    if evaluated:
+        vals = [(m.get("roc_auc", float("nan")), m.get("num-examples", 1.0)) for m in evaluated.values()]
         finite = [(a, w) for a, w in vals if np.isfinite(a)]
         if finite:
             row["val_roc_auc"] = float(np.average([a for a, _ in finite], weights=[w for _, w in finite]))
-        row["val_loss"] = float(np.average([m["loss"] for m in lg.evaluate.values()],
-                                           weights=[m.get("num-examples", 1.0) for m in lg.evaluate.values()]))
+        row["val_loss"] = float(np.average([m["loss"] for m in evaluated.values()],
+                                           weights=[m.get("num-examples", 1.0) for m in evaluated.values()]))
+        row["val_model_round"] = val_round
     return row
 
 

@@ -116,7 +116,34 @@ def simulate(args: list[str], home: Path, label: str) -> dict:
         "bytes_down_per_site_per_round": sum(r["bytes_down"] / max(r["sites_sampled"], 1) for r in done) / len(done),
         "final_test_auc": summary["test"]["metrics"]["roc_auc"],
         "memory": {**mem, "per_site_gib": mem["peak_pss_gib"] / n_sites},
+        "time_breakdown_per_round": time_breakdown(run_dir, done),
     }
+
+
+def time_breakdown(run_dir: Path, rows: list[dict]) -> dict:
+    """Where a round's wall time goes (seconds, mean over rounds), from the sites' own
+    clocks in events.jsonl: each site-side figure is divided over the parallel slots."""
+    events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
+    parts: dict[str, list[float]] = {}
+    for r in rows:
+        trains = [e for e in events if e["kind"] == "train" and e["round"] == r["round"] and "started-at" in e]
+        if not trains:
+            continue
+        slots = max(1, r.get("slots", 1))
+        training = sum(e["train-seconds"] for e in trains) / slots
+        val = sum(e.get("val-seconds", 0.0) for e in trains) / slots
+        handler = sum(e["finished-at"] - e["started-at"] - e["train-seconds"] - e.get("val-seconds", 0.0)
+                      for e in trains) / slots
+        got = {"wall": r["wall_seconds"], "site training": training,
+               "site evaluation in the training call": val,
+               "site message handling (decode, load, encode)": handler,
+               "separate site-evaluation phase": r["evaluate_phase_seconds"] or 0.0,
+               "server test + checkpoint": r["server_phase_seconds"] or 0.0}
+        got["transport, scheduling, aggregation, slot imbalance"] = got["wall"] - sum(
+            v for k, v in got.items() if k != "wall")
+        for k, v in got.items():
+            parts.setdefault(k, []).append(v)
+    return {k: sum(v) / len(v) for k, v in parts.items()}
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
@@ -366,6 +393,10 @@ def report(r: dict) -> str:
                       f"{o['server_phase_seconds_mean']:.1f} s), peak memory {o['memory']['peak_pss_gib']:.2f} GiB "
                       f"({o['memory']['per_site_gib']:.2f} GiB/site, largest actor "
                       f"{o['memory']['largest_actor_pss_gib']:.2f} GiB)"))
+        tb = o.get("time_breakdown_per_round") or {}
+        for k, v in tb.items():
+            if k != "wall":
+                lines.append((f"  {k}", f"{v:.2f} s/round ({v / tb['wall']:.1%})"))
     for dtype, w in r.get("wire", {}).items():
         lines.append((f"updates as {dtype}", f"{w['bytes_up_per_site_per_round'] / 2**20:.1f} MiB up + "
                                             f"{w['bytes_down_per_site_per_round'] / 2**20:.1f} MiB down (train + "

@@ -120,3 +120,22 @@ def test_conv_norm_sampler_matches_per_sample_gradients():
 
 def test_epsilon_of_an_empty_history_is_zero():
     assert epsilon_of([], 1e-5) == 0.0
+
+
+def test_dp_training_of_norms_and_head_only_leaves_every_convolution_as_given(tmp_path):
+    from common.model import set_trainable
+
+    model = build_model("resnet10", "group")
+    trainable = set_trainable(model, "norms+head")
+    assert 0 < sum(p.numel() for p in trainable) < 0.01 * sum(p.numel() for p in model.parameters())
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    dp = LocalDP("s", n_patches=32, batches_per_epoch=4, local_epochs=1, rounds=1, clip=1.0, noise=1.0,
+                 target_epsilon=0.0, delta=1e-3, grad_sample_mode="ghost", ledger_path=tmp_path / "l.json")
+    m, opt, crit, loader = dp.attach(model, torch.optim.Adam(trainable, lr=1e-2), tiny_loader(), seed=0)
+    train_one_epoch(m, loader, opt, torch.device("cpu"), criterion=crit)
+    dp.detach(1)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert "fc.weight" in changed and "layer4.0.bn2.weight" in changed
+    assert not any("conv" in k or "downsample.0" in k for k in changed)
+    assert len(set_trainable(model, "all")) == len(list(model.parameters()))  # and back

@@ -153,3 +153,22 @@ def test_ray_address_attaches_to_a_running_ray_cluster(tmp_path, tiny_root):
             head.wait(30)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, 9)
+
+
+def test_fused_site_evaluation_gives_flowers_figures_with_one_model_download_less(tmp_path, tiny_root):
+    common = ("--clients", "2", "--rounds", "2", "--local-epochs", "1")
+    sim(tmp_path, tiny_root, *common, "--site-eval", "separate", "--run-name", "sep")
+    sim(tmp_path, tiny_root, *common, "--run-name", "fused")  # the default
+    ev = {n: {(e["round"], e["site"]): e for e in rows(tmp_path / "runs" / n / "events.jsonl")
+              if e["kind"] == "evaluate"} for n in ("sep", "fused")}
+    assert ev["sep"].keys() == ev["fused"].keys() == {(r, s) for r in (1, 2) for s in ("site-0", "site-1")}
+    for key, e in ev["sep"].items():  # the same model on the same patches, whichever message carried it
+        for m in ("loss", "roc_auc", "accuracy", "num-examples"):
+            assert e[m] == pytest.approx(ev["fused"][key][m], rel=1e-6, nan_ok=True), (key, m)
+    sep, fused = rows(tmp_path / "runs" / "sep" / "rounds.jsonl"), rows(tmp_path / "runs" / "fused" / "rounds.jsonl")
+    assert fused[1]["bytes_down"] * 2 == sep[1]["bytes_down"]  # round 1: the training download only
+    assert fused[2]["bytes_down"] == sep[2]["bytes_down"]  # the last round's model: its own phase
+    assert sep[1]["val_model_round"] == 1 and fused[2]["val_model_round"] == 2 and "val_roc_auc" not in fused[1]
+    assert sep[2]["test_roc_auc"] == fused[2]["test_roc_auc"]  # training is untouched
+    trains = [e for e in rows(tmp_path / "runs" / "fused" / "events.jsonl") if e["kind"] == "train"]
+    assert all((e["val-seconds"] > 0) == (e["round"] == 2) for e in trains)

@@ -140,3 +140,65 @@ def test_strategy_state_survives_export_and_import():
     np.testing.assert_array_equal(s2.m_t["w"], s1.m_t["w"])
     np.testing.assert_array_equal(s2.v_t["w"], s1.v_t["w"])
     np.testing.assert_array_equal(s2.current_arrays["w"], s1.current_arrays["w"])
+
+
+@pytest.mark.parametrize("v", [np.arange(12, dtype=np.float32).reshape(3, 4), np.array(5, np.int64),
+                               np.zeros((0, 3), np.float32), np.arange(6, dtype=np.uint16),
+                               np.asfortranarray(np.ones((3, 4), np.float32))],
+                         ids=["float32", "0-d int64", "empty", "uint16", "fortran"])
+def test_weights_read_and_written_without_copies_are_flowers_own_bytes(v):
+    from common import wire
+
+    mine, flowers = wire.to_array(v), Array(v)
+    if v.flags.c_contiguous:
+        assert mine.data == flowers.data  # what Array(v) would have sent, byte for byte
+    for a in (mine, flowers):
+        got = wire.view(a)
+        assert got.dtype == v.dtype and got.shape == v.shape
+        np.testing.assert_array_equal(got, v)
+    if v.size and v.flags.c_contiguous:
+        assert np.shares_memory(wire.view(flowers), np.frombuffer(flowers.data, np.uint8))  # no copy
+
+
+def test_a_corrupt_weights_payload_is_an_error_not_a_wrong_view():
+    from common import wire
+
+    good = Array(np.ones((2, 3), np.float32))
+    bad = Array(dtype="float32", shape=(2, 3), stype="numpy.ndarray", data=b"\x00" * len(good.data))
+    with pytest.raises(ValueError):
+        wire.view(bad)
+    lying = Array(dtype="float32", shape=(3, 2), stype="numpy.ndarray", data=good.data)  # header says (2, 3)
+    assert wire.view(lying).shape == (2, 3)  # falls back to numpy's reading of the header
+
+
+def test_in_place_mean_is_flowers_aggregate_byte_for_byte():
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+    from server.strategy import weighted_average
+
+    contents = [reply(k, arrays(k), 10.0 * k + 3).content for k in range(1, 5)]
+    a, b = aggregate_arrayrecords(contents, "num-examples"), weighted_average(contents, "num-examples")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and a[k].data == b[k].data, k
+
+
+def test_fused_site_evaluation_is_recorded_for_the_previous_round():
+    g = guard(rounds=3)
+    grid = type("G", (), {"get_node_ids": lambda self: [1, 2, 3, 4, 5]})()
+    cfg = ConfigRecord({})
+    g.configure_train(1, ArrayRecord({k: Array(v) for k, v in GLOBAL.items()}), cfg, grid)
+    assert cfg["evaluate-first"] == 0  # round 1 gets the initial model: nothing to evaluate
+    g.configure_train(2, ArrayRecord({k: Array(v) for k, v in GLOBAL.items()}), cfg, grid)
+    assert cfg["evaluate-first"] == 1
+    assert list(g.configure_evaluate(2, ArrayRecord(), ConfigRecord({}), grid)) == []  # no phase of its own
+    r = reply(1, arrays(1), 10)
+    r.content["val"] = ConfigRecord({"roc_auc": 0.75, "loss": 0.4, "num-examples": 9.0})
+    g.aggregate_train(2, [r, *(reply(k, arrays(k), 10) for k in (2, 3, 4))])
+    assert g.rounds[1].evaluate == {"site-1": {"roc_auc": 0.75, "loss": 0.4, "num-examples": 9.0}}
+    assert "site-1" not in g.rounds[2].evaluate
+    sep, cfg = guard(rounds=3, site_eval="separate"), ConfigRecord({})
+    sep.configure_train(2, ArrayRecord({k: Array(v) for k, v in GLOBAL.items()}), cfg, grid)
+    assert cfg["evaluate-first"] == 0
+    assert len(list(sep.configure_evaluate(2, ArrayRecord({k: Array(v) for k, v in GLOBAL.items()}),
+                                           ConfigRecord({}), grid))) == 5  # Flower's own phase, every site
