@@ -139,3 +139,32 @@ def test_dp_training_of_norms_and_head_only_leaves_every_convolution_as_given(tm
     assert "fc.weight" in changed and "layer4.0.bn2.weight" in changed
     assert not any("conv" in k or "downsample.0" in k for k in changed)
     assert len(set_trainable(model, "all")) == len(list(model.parameters()))  # and back
+
+
+def test_dp_sgd_without_noise_learns_what_plain_training_learns(tmp_path):
+    """The DP path's wiring (Poisson loader, ghost-clipping loss, optimizer) carries the
+    gradient's sign and size: with zero noise it fits an easy task, as plain training does."""
+    torch.manual_seed(0)
+    x, y = torch.randn(128, 3, 32, 32), (torch.arange(128) % 2).float()
+    x[y == 1, :, 12:20, 12:20] += 2.0  # positives carry a bright blob
+
+    def loader():
+        return DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
+
+    final = {}
+    for noise in (None, 0.0):
+        torch.manual_seed(0)
+        model = build_model("resnet10", "group")
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        if noise is None:
+            losses = [train_one_epoch(model, loader(), opt, torch.device("cpu"))["loss"] for _ in range(3)]
+        else:
+            dp = LocalDP("s", n_patches=128, batches_per_epoch=8, local_epochs=3, rounds=1, clip=1.0, noise=noise,
+                         target_epsilon=0.0, delta=1e-3, grad_sample_mode="ghost", ledger_path=tmp_path / "l.json")
+            m, opt, crit, ld = dp.attach(model, opt, loader(), seed=0)
+            losses = [train_one_epoch(m, ld if e == 0 else dp.loader(loader(), seed=e), opt, torch.device("cpu"),
+                                      criterion=crit)["loss"] for e in range(3)]
+            dp.detach(1)
+        final[noise] = losses[-1]
+        assert losses[-1] < 0.5 * losses[0], (noise, losses)
+    assert final[0.0] < 0.1 and final[None] < 0.1
