@@ -10,7 +10,8 @@ throughput  the ClientApp's training step (common engine, data from the patch ca
             augmentation) against a plain PyTorch loop on the same model, examples and
             batch size in this process: images/s and their ratio
 overhead    federation overhead per round, 1 - (sites' training time / parallel slots) /
-            round wall time, at the demo workload and at 8, 32 and 100 simulated sites;
+            round wall time, at the demo workload and at 8, 32 and 100 simulated sites, and
+            where the rest of a round goes (from the sites' own clocks in events.jsonl);
             peak memory of every process of the simulation (PSS: shared pages counted once)
 wire        bytes per round per site with float32, float16 and bfloat16 updates, and each
             one's final test AUC
