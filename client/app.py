@@ -56,6 +56,13 @@ def _arrays_in(msg: Message, cfg: RunConfig) -> dict:
     return wire.decode(wire.views(msg.content["arrays"]), cfg.update_dtype)
 
 
+def _validation(cfg: RunConfig, data: SiteData, arrays: dict) -> dict:
+    """The global model's metrics on this site's validation patches."""
+    metrics = evaluate_site(cfg, data, arrays)
+    metrics["num-examples"] = float(len(data.val))
+    return metrics
+
+
 def _reply(msg: Message, content: dict) -> Message:
     return Message(RecordDict(content), reply_to=msg)
 
@@ -94,9 +101,7 @@ def train(msg: Message, context: Context) -> Message:
     content, val_seconds = {}, 0.0
     if int(rec.get("evaluate-first", 0)):  # --site-eval fused: the previous round's global model
         t_val = time.perf_counter()
-        val = evaluate_site(cfg, data, incoming)
-        val["num-examples"] = float(len(data.val))
-        content["val"] = ConfigRecord(val)
+        content["val"] = ConfigRecord(_validation(cfg, data, incoming))
         val_seconds = time.perf_counter() - t_val
     arrays, metrics = train_site(cfg, data, incoming, server_round, deadline=deadline)
     metrics["val-seconds"] = val_seconds
@@ -117,8 +122,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     cfg, rec = _config(msg)
     data = site_data(cfg, rec, context)
-    metrics = evaluate_site(cfg, data, _arrays_in(msg, cfg))
-    metrics["num-examples"] = float(len(data.val))
+    metrics = _validation(cfg, data, _arrays_in(msg, cfg))
     metrics["unit-weight"] = 1.0
     release_freed_memory()
     return _reply(msg, {"metrics": MetricRecord(metrics), "site": ConfigRecord({"site": data.name})})

@@ -88,8 +88,8 @@ class RunConfig:
     fraction_evaluate: float = _f(1.0, "share of sites sampled for federated evaluation each round")
     site_eval: str = _f("fused", "when sites evaluate the global model on their validation patches: fused (at "
                         "the start of the next round's training call, at every site sampled to train: no extra "
-                        "message or weights download; the last round's model in its own phase) or separate (Flower's evaluate phase after "
-                        "every round)", choices=("fused", "separate"))
+                        "message or weights download; the last round's model in its own phase) or separate "
+                        "(Flower's evaluate phase after every round)", choices=("fused", "separate"))
     min_fit_clients: int = _f(0, "fewest valid updates a round needs (0 = half the sampled sites, at least 1)")
     proximal_mu: float = _f(0.01, "FedProx proximal term weight")
     server_lr: float = _f(0.01, "server learning rate of fedadam / fedyogi")
