@@ -120,8 +120,7 @@ def train_site(cfg: RunConfig, data: SiteData, arrays: dict[str, np.ndarray], se
     # Seed after the (possibly first) model build, which draws from the same generator:
     # Opacus' Poisson sampler uses it, and a warm and a fresh process must draw alike.
     torch.manual_seed(seed)
-    optimizer = torch.optim.Adam(model_lib.set_trainable(model, cfg.train_params), lr=cfg.lr,
-                                 weight_decay=cfg.weight_decay)
+    optimizer = model_lib.make_optimizer(model, cfg)
     extra = proximal_term(model, cfg.proximal_mu) if cfg.strategy == "fedprox" else None
     prefix = f"[site {data.name}] [round {server_round}] "
 

@@ -32,8 +32,7 @@ def run_centralized(cfg: RunConfig, run: RunDir, prepared: Prepared, checkpoint:
     device = model_lib.resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = model_lib.build_model(cfg.arch, cfg.norm)
-    optimizer = torch.optim.Adam(model_lib.set_trainable(model, cfg.train_params), lr=cfg.lr,
-                                 weight_decay=cfg.weight_decay)
+    optimizer = model_lib.make_optimizer(model, cfg)
     start = 0
     if checkpoint:
         model.load_state_dict(checkpoint["model"])

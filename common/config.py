@@ -48,11 +48,14 @@ class RunConfig:
     local_epochs: int = _f(3, "local epochs per round at each site")
     # --- optimisation (the reference workload: Adam 1e-3, BCE, batch 16) ----------
     batch_size: int = _f(16, "training batch size")
-    lr: float = _f(1e-3, "Adam learning rate")
+    optimizer: str = _f("adam", "adam (the reference) or sgd (with --momentum; the usual choice under DP-SGD, "
+                        "whose noise Adam rescales to full-size steps)", choices=("adam", "sgd"))
+    lr: float = _f(1e-3, "learning rate")
+    momentum: float = _f(0.9, "momentum of --optimizer sgd")
     train_params: str = _f("all", "weights that training updates: all, or norms+head (normalisation scales and "
                            "shifts and the classifier, ~55 k of 23.5 M: far less DP noise per step)",
                            choices=("all", "norms+head"))
-    weight_decay: float = _f(0.0, "Adam weight decay")
+    weight_decay: float = _f(0.0, "weight decay")
     neg_ratio: float = _f(3.0, "negatives drawn per positive in each training epoch (fresh each epoch)")
     augment: bool = _f(True, "training-only flips, 90-degree rotations and small shifts")
     # --- model --------------------------------------------------------------------
@@ -138,6 +141,8 @@ class RunConfig:
                      for n in positive if getattr(self, n) < 1]
         if not self.lr > 0:
             problems.append(f"--lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.momentum < 1.0:
+            problems.append(f"--momentum must be in [0, 1), got {self.momentum}")
         if not self.hu_min < self.hu_max:
             problems.append(f"--hu-min ({self.hu_min}) must be below --hu-max ({self.hu_max})")
         if not self.fov_mm > 0:

@@ -90,6 +90,17 @@ def set_trainable(model: nn.Module, which: str) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def make_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    """The optimizer of every training run (sites, centralized baseline), over the weights
+    ``cfg.train_params`` selects: Adam (the reference workload) or SGD with momentum."""
+    params = set_trainable(model, cfg.train_params)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer != "adam":
+        raise ValueError(f"optimizer {cfg.optimizer!r}: choose adam or sgd")
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 def signature(model_or_state: nn.Module | Mapping[str, object]) -> str:
     """Hash of parameter names and shapes: equal signatures mean weights can be exchanged."""
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state

@@ -33,6 +33,8 @@ def test_cli_round_trip_and_bad_values_are_named():
         RunConfig(hu_min=500, hu_max=400)
     with pytest.raises(ValueError, match="--dp local needs --norm group"):
         RunConfig(dp="local")
+    with pytest.raises(ValueError, match="--momentum"):
+        RunConfig(optimizer="sgd", momentum=1.0)
     with pytest.raises(ValueError, match="unknown setting"):
         RunConfig.from_dict({"learning-rate": 1})
     with pytest.raises(SystemExit):

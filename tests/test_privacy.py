@@ -118,20 +118,65 @@ def test_conv_norm_sampler_matches_per_sample_gradients():
                 assert float(norms[conv.bias][i]) == pytest.approx(float(gb), rel=1e-4)
 
 
+def test_dp_step_on_resnet50_is_the_mean_of_clipped_per_sample_gradients():
+    """Ghost clipping with this project's Conv2d norm sampler on the real DP ResNet-50
+    (bottlenecks, strided and 1x1 convolutions, GroupNorm): one noise-free DP-SGD step moves
+    the weights by exactly the mean of per-sample gradients each clipped to the norm,
+    computed here one patch at a time. Clip at the median norm: both branches occur."""
+    import copy
+
+    from opacus import PrivacyEngine
+
+    from common.privacy import register_norm_samplers
+
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 3, 32, 32), torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0])
+    model = build_model("resnet50", "group")
+    per_sample, norms = [], []
+    for i in range(len(y)):
+        model.zero_grad()
+        nn.BCEWithLogitsLoss()(model(x[i:i + 1]).reshape(-1), y[i:i + 1]).backward()
+        per_sample.append([p.grad.detach().clone() for p in model.parameters()])
+        norms.append(float(torch.sqrt(sum((g ** 2).sum() for g in per_sample[-1]))))
+    clip = float(np.median(norms))
+    expected = [sum(min(1.0, clip / n) * g[k] for g, n in zip(per_sample, norms, strict=True)) / len(y)
+                for k in range(len(per_sample[0]))]
+
+    register_norm_samplers()
+    dp_model = copy.deepcopy(model)
+    before = [p.detach().clone() for p in dp_model.parameters()]
+    m, opt, crit, loader = PrivacyEngine(accountant="rdp").make_private(
+        module=dp_model, optimizer=torch.optim.SGD(dp_model.parameters(), lr=1.0),
+        data_loader=DataLoader(TensorDataset(x, y), batch_size=len(y)), criterion=nn.BCEWithLogitsLoss(),
+        noise_multiplier=0.0, max_grad_norm=clip, poisson_sampling=False, grad_sample_mode="ghost")
+    for xb, yb in loader:
+        opt.zero_grad()
+        crit(m(xb).reshape(-1), yb).backward()
+        opt.step()
+    step = [b - p.detach() for b, p in zip(before, dp_model.parameters(), strict=True)]
+    err = torch.sqrt(sum(((s - e) ** 2).sum() for s, e in zip(step, expected, strict=True)))
+    size = torch.sqrt(sum((e ** 2).sum() for e in expected))
+    assert size > 0 and float(err / size) < 1e-3
+
+
 def test_epsilon_of_an_empty_history_is_zero():
     assert epsilon_of([], 1e-5) == 0.0
 
 
-def test_dp_training_of_norms_and_head_only_leaves_every_convolution_as_given(tmp_path):
-    from common.model import set_trainable
+def test_dp_sgd_training_of_norms_and_head_only_leaves_every_convolution_as_given(tmp_path):
+    from common.config import RunConfig
+    from common.model import make_optimizer, set_trainable
 
     model = build_model("resnet10", "group")
-    trainable = set_trainable(model, "norms+head")
+    optimizer = make_optimizer(model, RunConfig(optimizer="sgd", lr=0.05, momentum=0.9, train_params="norms+head"))
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["momentum"] == 0.9
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
     assert 0 < sum(p.numel() for p in trainable) < 0.01 * sum(p.numel() for p in model.parameters())
+    assert all(p.requires_grad == any(p is t for t in trainable) for p in model.parameters())
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     dp = LocalDP("s", n_patches=32, batches_per_epoch=4, local_epochs=1, rounds=1, clip=1.0, noise=1.0,
                  target_epsilon=0.0, delta=1e-3, grad_sample_mode="ghost", ledger_path=tmp_path / "l.json")
-    m, opt, crit, loader = dp.attach(model, torch.optim.Adam(trainable, lr=1e-2), tiny_loader(), seed=0)
+    m, opt, crit, loader = dp.attach(model, optimizer, tiny_loader(), seed=0)
     train_one_epoch(m, loader, opt, torch.device("cpu"), criterion=crit)
     dp.detach(1)
     after = model.state_dict()
