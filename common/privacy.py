@@ -35,6 +35,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -100,6 +101,40 @@ def register_norm_samplers() -> None:
 
         register_norm_sampler(nn.Conv2d)(conv2d_norm_sample)
         _registered = True
+
+
+# --------------------------------------------------------------------------------------
+# Signal against noise: will DP-SGD learn on this data at all?
+# --------------------------------------------------------------------------------------
+def clipped_signal(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], clip: float
+                   ) -> dict[str, float]:
+    """What one DP-SGD step keeps of the data: per-patch gradients of the trainable weights
+    (computed one patch at a time, without Opacus), each clipped to ``clip``, averaged over
+    each batch. Returns the median per-patch gradient norm, the share of patches clipped and
+    the mean norm of a batch's clipped average (``signal``; at most ``clip``: it is ``clip``
+    only when every patch pulls the weights the same way)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss_fn = nn.BCEWithLogitsLoss()
+    model.train()
+    norms: list[float] = []
+    signals: list[float] = []
+    for x, y in batches:
+        total = [torch.zeros_like(p) for p in params]
+        for i in range(len(y)):
+            grads = torch.autograd.grad(loss_fn(model(x[i:i + 1]).reshape(-1), y[i:i + 1].float()), params)
+            n = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
+            norms.append(n)
+            for t, g in zip(total, grads, strict=True):
+                t.add_(g, alpha=min(1.0, clip / max(n, 1e-12)) / len(y))
+        signals.append(float(torch.sqrt(sum((t.double() ** 2).sum() for t in total))))
+    return {"median_patch_grad_norm": float(np.median(norms)),
+            "share_clipped": float(np.mean([n > clip for n in norms])),
+            "signal": float(np.mean(signals))}
+
+
+def noise_norm(noise_multiplier: float, clip: float, batch_size: float, n_weights: int) -> float:
+    """Norm of the Gaussian noise DP-SGD adds to one step's averaged gradient."""
+    return noise_multiplier * clip * math.sqrt(n_weights) / batch_size
 
 
 # --------------------------------------------------------------------------------------

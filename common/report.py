@@ -241,13 +241,19 @@ def build_report(runs: list[Run], out: Path, folds: list[Run] | None = None) -> 
                "training patches; non-members: test patches). Attack AUC 0.5 = no better than a coin. The privacy "
                "unit of local DP is one CT patch; a patient contributes many patches, so a patient's protection is "
                "weaker than the patch-level epsilon.", "",
-               "| run | DP | epsilon (max over sites) | test ROC-AUC | attack AUC | attack TPR at 1% FPR |",
-               "| --- | --- | --- | --- | --- | --- |"]
+               "A run that starts from given weights (`--weights`, e.g. a model trained on public data) shows "
+               "their test ROC-AUC before any round: what the sites' private training added is the difference.", "",
+               "| run | DP | epsilon (max over sites) | start (test ROC-AUC) | test ROC-AUC | attack AUC "
+               "| attack TPR at 1% FPR |",
+               "| --- | --- | --- | --- | --- | --- | --- |"]
         for r in priv:
             p = r.summary.get("privacy", {})
             eps = p.get("epsilon_max", p.get("epsilon"))
             a = r.audit or {}
-            md.append(f"| {r.label} | {r.config['dp']} | {fmt(eps, 2)} | {fmt(r.metric('roc_auc'))} | "
+            start0 = [x.get("test_roc_auc") for x in r.rounds if x.get("round") == 0]
+            w = Path(r.config.get("weights") or "")
+            start = f"{w.parent.name}/{w.name} ({fmt(start0[0] if start0 else None)})" if w.name else "random"
+            md.append(f"| {r.label} | {r.config['dp']} | {fmt(eps, 2)} | {start} | {fmt(r.metric('roc_auc'))} | "
                       f"{fmt(a.get('attack_auc'))} | {fmt(a.get('tpr_at_1pct_fpr'))} |")
     for r in runs:
         if not r.federated:

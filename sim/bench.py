@@ -16,6 +16,11 @@ overhead    federation overhead per round, 1 - (sites' training time / parallel 
 wire        bytes per round per site with float32, float16 and bfloat16 updates, and each
             one's final test AUC
 dp          DP-SGD (Opacus) against non-DP training throughput, same model and input size
+dpsignal    will DP-SGD learn on this data? For one site of the run (--dp-epsilon, --weights):
+            the clipped gradient a step keeps (per-patch gradients clipped and averaged over
+            a batch) against the norm of the noise added to it, for all weights and for
+            norms+head, per step and over the whole run (an optimistic bound: it assumes the
+            clipped gradient keeps its direction for all steps of all sites)
 cache       cache build rate on full-size (512 x 512) synthetic scans, cache read rate
             against the training rate
 gpu         ResNet-50 at 224 px with AMP + channels_last, and sites sharing one GPU (only
@@ -38,7 +43,7 @@ from pathlib import Path
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("throughput", "overhead", "wire", "dp", "cache", "gpu")
+SECTIONS = ("throughput", "overhead", "wire", "dp", "dpsignal", "cache", "gpu")
 
 
 # --------------------------------------------------------------------------------------
@@ -248,6 +253,44 @@ def bench_dp(cfg, steps: int) -> dict:
     return out
 
 
+def bench_dp_signal(cfg, n_batches: int) -> dict:
+    """Clipped signal against DP noise for site 0 of the run, from ``cfg.weights`` or random."""
+    import math
+
+    import torch
+
+    from client.site import SiteData, local_dp
+    from common import model as model_lib
+    from common.data import prepare
+    from common.dataset import train_loader
+    from common.privacy import clipped_signal, noise_norm
+
+    prep = prepare(cfg, progress=False)
+    site = prep.plan.sites[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        data = SiteData(site.name, prep.cache, prep.cache.rows_of(site.train), prep.cache.rows_of(site.val),
+                        state_dir=Path(tmp))
+        loader = train_loader(data.cache, data.train, batch_size=cfg.batch_size, neg_ratio=cfg.neg_ratio,
+                              augment=False, seed=0)
+        ledger = local_dp(cfg, data, len(loader)).ledger  # the calibration a site of this run makes
+    batches = [b for _, b in zip(range(n_batches), loader, strict=False)]
+    steps = ledger.planned_steps
+    out: dict = {"site": site.name, "weights": cfg.weights or "random", "epsilon": cfg.dp_epsilon,
+                 "noise_multiplier": ledger.noise_multiplier, "clip": ledger.clip, "batch_size": cfg.batch_size,
+                 "steps_per_site": steps, "sites": cfg.clients, "batches_measured": len(batches)}
+    for which in model_lib.TRAIN_PARAMS:
+        torch.manual_seed(cfg.seed)
+        model = model_lib.build_model(cfg.arch, "group")
+        if cfg.weights:
+            model_lib.load_weights(model, cfg.weights)
+        n = sum(p.numel() for p in model_lib.set_trainable(model, which))
+        sig = clipped_signal(model, batches, ledger.clip)
+        noise = noise_norm(ledger.noise_multiplier, ledger.clip, cfg.batch_size, n)
+        out[which] = {"weights_trained": n, **sig, "noise": noise, "snr_step": sig["signal"] / noise,
+                      "snr_run": sig["signal"] / noise * math.sqrt(steps * cfg.clients)}
+    return out
+
+
 def bench_cache(cfg, n_full: int, workdir: Path, train_rate: float | None, full_size: bool = True) -> dict:
     """Build rate on full-size synthetic scans; read rate through the training loader."""
     import numpy as np
@@ -314,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scales", default="8,32,100", help="simulated sites for the overhead section")
     p.add_argument("--out", default="bench.json", help="JSON file to write (default bench.json)")
     p.add_argument("--workdir", default="", help="scratch folder (default: a temporary one)")
+    p.add_argument("--dp-epsilon", type=float, default=8.0, help="target epsilon of the dpsignal section")
+    p.add_argument("--weights", default="", help="model file the dpsignal section starts from (default: random)")
     args = p.parse_args(argv)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     bad = [s for s in sections if s not in SECTIONS]
@@ -362,6 +407,10 @@ def main(argv: list[str] | None = None) -> int:
     if "dp" in sections:
         print("differential privacy ...", flush=True)
         results["dp"] = bench_dp(base, steps=2 if quick else 6)
+    if "dpsignal" in sections:
+        print("DP signal against noise ...", flush=True)
+        results["dpsignal"] = bench_dp_signal(base.replace(norm="group", dp="local", dp_epsilon=args.dp_epsilon,
+                                                           weights=args.weights), n_batches=2 if quick else 4)
     if "cache" in sections:
         print("cache ...", flush=True)
         rate = results.get("throughput", {}).get("clientapp_images_per_s")
@@ -408,6 +457,17 @@ def report(r: dict) -> str:
                   ("DP-SGD ghost / hooks", f"{d['dp_ghost']:.1f} / {d['dp_hooks']:.1f} img/s"),
                   ("DP ghost vs non-DP fp32 / AMP", f"{d['ratio_dp_ghost_vs_nodp_fp32']:.2f} / "
                                                     f"{d['ratio_dp_ghost_vs_nodp_amp']:.2f}")]
+    if "dpsignal" in r:
+        d = r["dpsignal"]
+        lines.append(("DP signal vs noise", f"{d['site']}, {d['weights']}, epsilon {d['epsilon']:g}: noise "
+                                            f"multiplier {d['noise_multiplier']:.2f}, clip {d['clip']:g}, batch "
+                                            f"{d['batch_size']}, {d['steps_per_site']} steps x {d['sites']} sites"))
+        for which in ("all", "norms+head"):
+            w = d[which]
+            lines.append((f"  {which} ({w['weights_trained']:,} weights)",
+                          f"patch gradient norm {w['median_patch_grad_norm']:.2f} (median; {w['share_clipped']:.0%} "
+                          f"clipped), clipped batch mean {w['signal']:.3f}, noise {w['noise']:.2f}: signal/noise "
+                          f"{w['snr_step']:.4f} per step, at most {w['snr_run']:.2f} over the run"))
     if "cache" in r:
         c = r["cache"]
         for k, v in c.items():

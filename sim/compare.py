@@ -11,6 +11,11 @@ test split and number of passes over the training data (a federated run of R rou
 local epochs makes R x E passes; the baseline runs R x E epochs on the pooled data).
 Runs whose folder already holds a summary.json are read, not rerun.
 
+With --privacy: DP at epsilon 8 and 2 from random weights, the GroupNorm model without DP,
+and DP at epsilon 8 starting from a model trained without DP on *public* data (the field's
+standard recipe; --public-data, default 40 synthetic scans made with another seed, never the
+sites' data), fine-tuning only normalisation layers and the classifier.
+
 Writes REPORT_DIR/report.md and a self-contained REPORT_DIR/report.html.
 """
 
@@ -40,6 +45,33 @@ def standard_runs(non_iid: str, privacy: bool) -> list[tuple[str, str, list[str]
                          ["--partition", "iid", "--dp", "local", "--norm", "group", "--dp-epsilon", str(eps)]))
         runs.append(("federated IID no-DP (GroupNorm)", "fed-iid-groupnorm", ["--partition", "iid", "--norm", "group"]))
     return runs
+
+
+PUBLIC_SCANS, PUBLIC_EPOCHS = 40, 12
+
+
+def public_model(public_data: str, seed: int, common: list[str], runs_dir: Path) -> Path:
+    """A GroupNorm model trained centrally without DP on public data only: ``public_data``,
+    or PUBLIC_SCANS synthetic scans made with a seed the sites' data does not use."""
+    if public_data:
+        data = Path(public_data)
+        if not data.is_dir():
+            raise SystemExit(f"sim/compare.py: --public-data {data}: no such folder")
+    else:
+        from common.synthetic import make_dataset
+
+        data = runs_dir / f"public-data-{PUBLIC_SCANS}-seed{seed + 11}"
+        print(f"  public data: {PUBLIC_SCANS} synthetic scans, seed {seed + 11} -> {data}")
+        make_dataset(data, PUBLIC_SCANS, seed + 11)
+    run = run_one("public-model", ["--mode", "centralized", "--norm", "group", "--data", str(data),
+                                   "--rounds", str(PUBLIC_EPOCHS // 3), "--local-epochs", "3"], common, runs_dir)
+    return run / "model_final.pt"
+
+
+def public_dp_run(public_weights: Path, eps: int = 8) -> tuple[str, str, list[str]]:
+    return (f"federated IID DP eps={eps}, public pretraining", f"fed-iid-dp{eps}-public",
+            ["--partition", "iid", "--dp", "local", "--norm", "group", "--dp-epsilon", str(eps), "--weights",
+             str(public_weights), "--train-params", "norms+head"])
 
 
 def run_one(name: str, args: list[str], common: list[str], runs_dir: Path) -> Path:
@@ -73,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--non-iid", default="scanner", choices=("scanner", "dirichlet", "subset"),
                    help="the non-IID partition of the standard set")
     p.add_argument("--privacy", action="store_true", help="also DP runs with epsilon 8 and 2, and membership audits")
+    p.add_argument("--public-data", default="", help="LUNA16-format folder of public data for the --privacy "
+                   "run with public pretraining (default: synthetic scans made with another seed)")
     p.add_argument("--folds", default="", help="comma list of LUNA16 subsets: centralized runs testing on each")
     add_arguments(p, only=PASS_THROUGH)
     args = p.parse_args(argv)
@@ -97,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         runs_dir = Path(args.runs_dir)
         print(f"running the standard comparison into {runs_dir}")
         for label, name, extra in standard_runs(args.non_iid, args.privacy):
+            runs.append(Run.load(label, run_one(name, extra, common, runs_dir)))
+        if args.privacy:
+            weights = public_model(args.public_data, args.seed or 0, common, runs_dir)
+            label, name, extra = public_dp_run(weights)
             runs.append(Run.load(label, run_one(name, extra, common, runs_dir)))
     if args.privacy or any(r.config["dp"] != "off" for r in runs):
         from common.audit import membership_audit

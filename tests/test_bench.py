@@ -30,6 +30,14 @@ def test_bench_quick_writes_every_field(tmp_path):
     d = r["dp"]
     for k in ("nodp_fp32", "nodp_amp", "dp_ghost", "dp_hooks", "ratio_dp_ghost_vs_nodp_fp32"):
         assert d[k] > 0
+    s = r["dpsignal"]
+    assert s["noise_multiplier"] > 0 and s["steps_per_site"] > 0
+    for which in ("all", "norms+head"):
+        v = s[which]
+        assert 0 < v["signal"] <= s["clip"] + 1e-6 and 0 <= v["share_clipped"] <= 1
+        assert v["snr_step"] == v["signal"] / v["noise"]
+    assert s["norms+head"]["weights_trained"] < s["all"]["weights_trained"]
+    assert s["norms+head"]["noise"] < s["all"]["noise"]  # noise grows with the weights trained
     c = r["cache"]
     assert c["build_patches_per_s_32px"] > 0 and c["read_vs_train_ratio"] > 0
     assert "available" in r["gpu"]

@@ -105,3 +105,35 @@ def test_roc_plot_of_a_model_with_non_finite_outputs_says_so_instead_of_failing(
     roc_curves({"poisoned": (y, np.full(5, np.nan, dtype=np.float32)),
                 "fine": (y, np.array([0.1, 0.9, 0.2, 0.7, 0.3], dtype=np.float32))}, tmp_path / "roc.png")
     assert (tmp_path / "roc.png").stat().st_size > 1000
+
+
+def test_dp_from_public_pretraining_uses_other_data_and_the_report_shows_its_start(tiny_root, tmp_path,
+                                                                                   monkeypatch):
+    """compare --privacy's public-pretraining row, small: the public model trains without DP on
+    synthetic scans of another seed (never the sites' scans), a real DP federation starts from
+    it, and the privacy table shows that start's own test AUC beside the final one."""
+    from common.report import Run, build_report
+    from sim import compare
+
+    monkeypatch.setenv("LUNAFL_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(compare, "PUBLIC_SCANS", 12)
+    monkeypatch.setattr(compare, "PUBLIC_EPOCHS", 3)
+    common = ["--data", str(tiny_root), "--cache-dir", str(tmp_path / "cache"), "--image-size", "32", "--arch",
+              "resnet10", "--batch-size", "8", "--workers", "1", "--seed", "3", "--clients", "2", "--rounds", "1",
+              "--local-epochs", "1"]
+    weights = compare.public_model("", 3, common, tmp_path / "runs")
+    public_cfg = json.loads((weights.parent / "config.json").read_text())["config"]
+    public_data = Path(public_cfg["data"])
+    assert public_cfg["mode"] == "centralized" and public_cfg["norm"] == "group" and public_cfg["dp"] == "off"
+    assert json.loads((public_data / "synthetic.json").read_text())["seed"] == 14
+    uids = {f.stem for f in public_data.glob("subset*/*.mhd")}
+    assert uids and not uids & {f.stem for f in tiny_root.glob("subset*/*.mhd")}
+
+    label, name, extra = compare.public_dp_run(weights)
+    run = Run.load(label, compare.run_one(name, extra, common, tmp_path / "runs"))
+    assert run.config["weights"] == str(weights) and run.config["train_params"] == "norms+head"
+    assert run.summary["privacy"]["epsilon_max"] <= 8.0 + 1e-6
+    start = next(r["test_roc_auc"] for r in run.rounds if r["round"] == 0)
+    md, _ = build_report([run], tmp_path / "report")
+    row = next(line for line in md.read_text().splitlines() if line.startswith(f"| {label} | local |"))
+    assert f"public-model/model_final.pt ({start:.3f})" in row

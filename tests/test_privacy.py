@@ -157,6 +157,12 @@ def test_dp_step_on_resnet50_is_the_mean_of_clipped_per_sample_gradients():
     err = torch.sqrt(sum(((s - e) ** 2).sum() for s, e in zip(step, expected, strict=True)))
     size = torch.sqrt(sum((e ** 2).sum() for e in expected))
     assert size > 0 and float(err / size) < 1e-3
+    # the signal sim/bench.py reports (dpsignal) is this step's norm
+    from common.privacy import clipped_signal
+
+    sig = clipped_signal(model, [(x, y)], clip)
+    assert sig["signal"] == pytest.approx(float(size), rel=1e-4)
+    assert sig["share_clipped"] == pytest.approx(np.mean([n > clip for n in norms]))
 
 
 def test_epsilon_of_an_empty_history_is_zero():
