@@ -14,7 +14,7 @@ Runs whose folder already holds a summary.json are read, not rerun.
 With --privacy: DP at epsilon 8 and 2 from random weights, the GroupNorm model without DP,
 and DP at epsilon 8 starting from a model trained without DP on *public* data (the field's
 standard recipe; --public-data, default 40 synthetic scans made with another seed, never the
-sites' data), fine-tuning only normalisation layers and the classifier.
+sites' data).
 
 Writes REPORT_DIR/report.md and a self-contained REPORT_DIR/report.html.
 """
@@ -71,7 +71,7 @@ def public_model(public_data: str, seed: int, common: list[str], runs_dir: Path)
 def public_dp_run(public_weights: Path, eps: int = 8) -> tuple[str, str, list[str]]:
     return (f"federated IID DP eps={eps}, public pretraining", f"fed-iid-dp{eps}-public",
             ["--partition", "iid", "--dp", "local", "--norm", "group", "--dp-epsilon", str(eps), "--weights",
-             str(public_weights), "--train-params", "norms+head"])
+             str(public_weights)])
 
 
 def run_one(name: str, args: list[str], common: list[str], runs_dir: Path) -> Path:

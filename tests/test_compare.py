@@ -131,7 +131,7 @@ def test_dp_from_public_pretraining_uses_other_data_and_the_report_shows_its_sta
 
     label, name, extra = compare.public_dp_run(weights)
     run = Run.load(label, compare.run_one(name, extra, common, tmp_path / "runs"))
-    assert run.config["weights"] == str(weights) and run.config["train_params"] == "norms+head"
+    assert run.config["weights"] == str(weights) and run.config["dp"] == "local"
     assert run.summary["privacy"]["epsilon_max"] <= 8.0 + 1e-6
     start = next(r["test_roc_auc"] for r in run.rounds if r["round"] == 0)
     md, _ = build_report([run], tmp_path / "report")
