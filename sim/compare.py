@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/compare/report", help="report folder")
     p.add_argument("--non-iid", default="scanner", choices=("scanner", "dirichlet", "subset"),
                    help="the non-IID partition of the standard set")
-    p.add_argument("--privacy", action="store_true", help="also DP runs with epsilon 8 and 2, and membership audits")
+    p.add_argument("--privacy", action="store_true", help="also DP runs (epsilon 8 and 2 from random weights, "
+                   "epsilon 8 from a model trained on public data) and membership audits")
     p.add_argument("--public-data", default="", help="LUNA16-format folder of public data for the --privacy "
                    "run with public pretraining (default: synthetic scans made with another seed)")
     p.add_argument("--folds", default="", help="comma list of LUNA16 subsets: centralized runs testing on each")
