@@ -2,7 +2,7 @@
 
     python sim/compare.py                              # run the standard set, then report
     python sim/compare.py --runs runs/a runs/b ...     # report on finished results folders
-    python sim/compare.py --privacy                    # add DP runs (two epsilons) and audits
+    python sim/compare.py --privacy                    # add DP runs (two epsilons; a public start) and audits
     python sim/compare.py --folds 0,1,2,3,4,5,6,7,8,9  # LUNA16 cross-validation of the baseline
 
 The standard set: the centralized baseline, federated IID with FedAvg, and federated
