@@ -278,11 +278,11 @@ def bench_dp_signal(cfg, n_batches: int) -> dict:
     out: dict = {"site": site.name, "weights": cfg.weights or "random", "epsilon": cfg.dp_epsilon,
                  "noise_multiplier": ledger.noise_multiplier, "clip": ledger.clip, "batch_size": cfg.batch_size,
                  "steps_per_site": steps, "sites": cfg.clients, "batches_measured": len(batches)}
-    for which in model_lib.TRAIN_PARAMS:
-        torch.manual_seed(cfg.seed)
-        model = model_lib.build_model(cfg.arch, "group")
-        if cfg.weights:
-            model_lib.load_weights(model, cfg.weights)
+    torch.manual_seed(cfg.seed)
+    model = model_lib.build_model(cfg.arch, "group")
+    if cfg.weights:
+        model_lib.load_weights(model, cfg.weights)
+    for which in model_lib.TRAIN_PARAMS:  # the weights stay as loaded: only gradients are taken
         n = sum(p.numel() for p in model_lib.set_trainable(model, which))
         sig = clipped_signal(model, batches, ledger.clip)
         noise = noise_norm(ledger.noise_multiplier, ledger.clip, cfg.batch_size, n)
@@ -364,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = [s for s in sections if s not in SECTIONS]
     if bad:
         p.error(f"--sections: unknown {', '.join(bad)}; choose from {', '.join(SECTIONS)}")
+    if args.weights and not Path(args.weights).is_file():
+        p.error(f"--weights {args.weights}: no such file")
     from common.config import RunConfig
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="luna-bench-"))
