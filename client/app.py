@@ -23,10 +23,10 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # a hospital's node does n
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
-from common import model as model_lib  # noqa: E402
-from common import wire  # noqa: E402
 from common.config import RunConfig  # noqa: E402
-from common.memory import release_freed_memory  # noqa: E402
+from common.training import model as model_lib  # noqa: E402
+from common.training import wire  # noqa: E402
+from common.training.memory import release_freed_memory  # noqa: E402
 
 from .site import SiteData, SiteError, evaluate_site, fails_at_random, simulated_site, train_site  # noqa: E402
 

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from common.cache import build_cache
 from common.config import RunConfig, default_home
-from common.data import patch_spec
-from common.luna16 import load_luna16
+from common.data.cache import build_cache
+from common.data.luna16 import load_luna16
+from common.data.prepare import patch_spec
 
 from .site import SiteData, SiteError
 

@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import model as model_lib
-from common.cache import PatchCache, open_cache
 from common.config import RunConfig
-from common.dataset import epoch_size, eval_loader, train_loader
-from common.engine import evaluate, prepare, proximal_term, train_one_epoch
-from common.partition import SitePlan
-from common.privacy import LocalDP
+from common.data.cache import PatchCache, open_cache
+from common.data.loaders import epoch_size, eval_loader, train_loader
+from common.data.partition import SitePlan
+from common.privacy.dpsgd import LocalDP
+from common.training import model as model_lib
+from common.training.engine import evaluate, prepare, proximal_term, train_one_epoch
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def train_site(cfg: RunConfig, data: SiteData, arrays: dict[str, np.ndarray], se
     them before the next call.
 
     With ``--dp local`` the same engine runs on Opacus' wrapped model, optimizer, loss and
-    Poisson-sampling loader (:mod:`common.privacy`); everything else is identical.
+    Poisson-sampling loader (:mod:`common.privacy.dpsgd`); everything else is identical.
     """
     injected = cfg.injections().get(data.name)
     if injected == "crash":

@@ -138,7 +138,7 @@ class Federation:
 
     def make_data(self, scans: int, test_scans: int, seed: int = 100) -> None:
         sys.path.insert(0, str(ROOT))
-        from common.synthetic import make_dataset
+        from common.data.synthetic import make_dataset
 
         for i, site in enumerate(self.sites):
             make_dataset(self.data[site], scans, seed=seed + 1 + i, workers=1)

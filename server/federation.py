@@ -20,16 +20,16 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from common import model as model_lib
-from common import wire
 from common.config import RunConfig
-from common.data import Prepared, prepare
-from common.dataset import epoch_size
-from common.evaluation import TestSplit
-from common.memory import release_freed_memory
-from common.partition import format_summary, save_summary, summary_rows
-from common.results import RunDir
-from common.tracker import RunTracker
+from common.data.loaders import epoch_size
+from common.data.partition import format_summary, save_summary, summary_rows
+from common.data.prepare import Prepared, prepare
+from common.evaluation.test_split import TestSplit
+from common.training import model as model_lib
+from common.training import wire
+from common.training.memory import release_freed_memory
+from experiment.results import RunDir
+from experiment.tracker import RunTracker
 
 from .strategy import Guard, _short, export_state, import_state, make_strategy, quorum, wait_for_nodes
 
@@ -226,8 +226,8 @@ def federate(grid: Grid, sr: ServerRun) -> dict[str, Any]:
 
 
 def privacy_summary(sr: ServerRun, strategy) -> dict[str, Any]:
-    """How private the run was, as the field reports it (see common/privacy.py)."""
-    from common.privacy import ACCOUNTANT, PRIVACY_UNIT, Ledger
+    """How private the run was, as the field reports it (see common/privacy/dpsgd.py)."""
+    from common.privacy.dpsgd import ACCOUNTANT, PRIVACY_UNIT, Ledger
 
     cfg = sr.cfg
     if cfg.dp == "off":

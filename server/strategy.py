@@ -41,8 +41,8 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from common import wire
 from common.config import RunConfig
+from common.training import wire
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from common.audit import membership_audit
+from analysis.audit import membership_audit
 
 
 def main(argv: list[str] | None = None) -> int:

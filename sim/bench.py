@@ -166,10 +166,10 @@ def bench_throughput(cfg, reps: int) -> dict:
     import torch
 
     from client.site import SiteData, train_site
-    from common import model as model_lib
-    from common.data import prepare
-    from common.dataset import balanced_positions, to_float
-    from common.engine import _autocast, amp_active
+    from common.data.loaders import balanced_positions, to_float
+    from common.data.prepare import prepare
+    from common.training import model as model_lib
+    from common.training.engine import _autocast, amp_active
 
     prep = prepare(cfg, progress=False)
     site = prep.plan.sites[0]
@@ -219,9 +219,9 @@ def bench_dp(cfg, steps: int) -> dict:
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    from common.engine import train_one_epoch
-    from common.model import build_model
-    from common.privacy import LocalDP
+    from common.privacy.dpsgd import LocalDP
+    from common.training.engine import train_one_epoch
+    from common.training.model import build_model
 
     n = steps * cfg.batch_size
     g = torch.Generator().manual_seed(0)
@@ -260,10 +260,10 @@ def bench_dp_signal(cfg, n_batches: int) -> dict:
     import torch
 
     from client.site import SiteData, local_dp
-    from common import model as model_lib
-    from common.data import prepare
-    from common.dataset import train_loader
-    from common.privacy import clipped_signal, noise_norm
+    from common.data.loaders import train_loader
+    from common.data.prepare import prepare
+    from common.privacy.dpsgd import clipped_signal, noise_norm
+    from common.training import model as model_lib
 
     prep = prepare(cfg, progress=False)
     site = prep.plan.sites[0]
@@ -295,11 +295,11 @@ def bench_cache(cfg, n_full: int, workdir: Path, train_rate: float | None, full_
     """Build rate on full-size synthetic scans; read rate through the training loader."""
     import numpy as np
 
-    from common.cache import build_cache
-    from common.dataset import train_loader
-    from common.luna16 import load_luna16
-    from common.patches import PatchSpec
-    from common.synthetic import make_dataset
+    from common.data.cache import build_cache
+    from common.data.loaders import train_loader
+    from common.data.luna16 import load_luna16
+    from common.data.patches import PatchSpec
+    from common.data.synthetic import make_dataset
 
     root = make_dataset(workdir / f"scans-{n_full}-{full_size}", n_full, seed=11, full_size=full_size, workers=2)
     luna = load_luna16(root)
@@ -328,7 +328,7 @@ def bench_gpu() -> dict:
 
     if not torch.cuda.is_available():
         return {"available": False, "note": "no CUDA device on this machine"}
-    from common.model import build_model
+    from common.training.model import build_model
 
     model = build_model("resnet50").cuda().to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)

@@ -58,7 +58,7 @@ def public_model(public_data: str, seed: int, common: list[str], runs_dir: Path)
         if not data.is_dir():
             raise SystemExit(f"sim/compare.py: --public-data {data}: no such folder")
     else:
-        from common.synthetic import make_dataset
+        from common.data.synthetic import make_dataset
 
         data = runs_dir / f"public-data-{PUBLIC_SCANS}-seed{seed + 11}"
         print(f"  public data: {PUBLIC_SCANS} synthetic scans, seed {seed + 11} -> {data}")
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(p, only=PASS_THROUGH)
     args = p.parse_args(argv)
 
-    from common.report import Run, build_report
+    from analysis.report import Run, build_report
 
     common: list[str] = []
     for name in PASS_THROUGH:
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             label, name, extra = public_dp_run(weights)
             runs.append(Run.load(label, run_one(name, extra, common, runs_dir)))
     if args.privacy or any(r.config["dp"] != "off" for r in runs):
-        from common.audit import membership_audit
+        from analysis.audit import membership_audit
 
         for r in runs:
             if r.federated and r.audit is None:

@@ -8,7 +8,7 @@ Writes RUN_DIR/cam_grid.png (the most confident true positives, false positives 
 negatives of the test split: heatmap over the axial, coronal and sagittal planes, its peak,
 the annotated nodule's outline) and RUN_DIR/cam.json (the cases shown and the scores).
 The score is the pointing game: the share of positives whose heatmap peak lies within the
-annotated nodule's radius (definitions in common/explain.py), beside two controls: the
+annotated nodule's radius (definitions in analysis/cams.py), beside two controls: the
 patch centre as the peak, the same heatmap of a randomly initialised model, and the
 patch's densest spot.
 Research software on synthetic or public data: never for diagnosis.
@@ -20,7 +20,7 @@ import argparse
 import logging
 import sys
 
-from common.explain import METHODS, RESNET_STRIDES, UPSAMPLING, explain_run, format_table
+from analysis.cams import METHODS, RESNET_STRIDES, UPSAMPLING, explain_run, format_table
 
 log = logging.getLogger("luna_fl")
 

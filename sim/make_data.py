@@ -16,7 +16,7 @@ import time
 
 from tqdm import tqdm
 
-from common.synthetic import make_dataset
+from common.data.synthetic import make_dataset
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,9 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(p, only=PREP_OPTIONS)
     args = p.parse_args(argv)
     setup_logging()
-    from common.data import prepare
-    from common.luna16 import DataError
-    from common.partition import format_summary, save_summary, summary_rows
+    from common.data.luna16 import DataError
+    from common.data.partition import format_summary, save_summary, summary_rows
+    from common.data.prepare import prepare
 
     try:
         cfg = from_args(args)

@@ -5,7 +5,7 @@
     python sim/run.py --mode centralized               # the pooled baseline
     python sim/run.py --resume runs/<folder>           # continue a stopped run
 
-Every option is listed by --help. Results go to --out/<run name>/ (see common/results.py).
+Every option is listed by --help. Results go to --out/<run name>/ (see experiment/results.py).
 Research software on synthetic or public data: never for diagnosis.
 """
 
@@ -23,7 +23,7 @@ os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 from common.config import RunConfig, add_arguments, from_args  # noqa: E402
 from common.logs import log_to_file, setup_logging  # noqa: E402
-from common.results import RunDir  # noqa: E402
+from experiment.results import RunDir  # noqa: E402
 
 log = logging.getLogger("luna_fl")
 
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     log_to_file(sr.run.path / "log.txt")
     log.info("run configuration: %s", cfg.to_json())
     if cfg.mode == "centralized":
-        from common.centralized import run_centralized
+        from experiment.centralized import run_centralized
 
         assert sr.prepared is not None
         run_centralized(cfg, sr.run, sr.prepared, sr.checkpoint)

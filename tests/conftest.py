@@ -16,7 +16,7 @@ TINY_SCANS = 20  # two per LUNA16 subset: subset 9 (the test split) gets two
 
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory) -> Path:
-    from common.synthetic import make_dataset
+    from common.data.synthetic import make_dataset
 
     root = tmp_path_factory.mktemp("data") / "luna"
     make_dataset(root, TINY_SCANS, seed=3, workers=2)

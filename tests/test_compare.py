@@ -99,7 +99,7 @@ def test_roc_plot_of_a_model_with_non_finite_outputs_says_so_instead_of_failing(
     """A poisoned FedAvg model can output NaN (negative BatchNorm variances): its run must still finish."""
     import numpy as np
 
-    from common.plots import roc_curves
+    from analysis.plots import roc_curves
 
     y = np.array([0, 1, 0, 1, 0], dtype=np.float32)
     roc_curves({"poisoned": (y, np.full(5, np.nan, dtype=np.float32)),
@@ -112,7 +112,7 @@ def test_dp_from_public_pretraining_uses_other_data_and_the_report_shows_its_sta
     """compare --privacy's public-pretraining row, small: the public model trains without DP on
     synthetic scans of another seed (never the sites' scans), a real DP federation starts from
     it, and the privacy table shows that start's own test AUC beside the final one."""
-    from common.report import Run, build_report
+    from analysis.report import Run, build_report
     from sim import compare
 
     monkeypatch.setenv("LUNAFL_HOME", str(tmp_path / "home"))

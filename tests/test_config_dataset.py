@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from common.config import RunConfig, add_arguments, from_args
-from common.dataset import augment, balanced_positions, epoch_size, train_loader
+from common.data.loaders import augment, balanced_positions, epoch_size, train_loader
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +42,7 @@ def test_cli_round_trip_and_bad_values_are_named():
 
 
 def test_balanced_epoch_draws_fresh_negatives(tiny_cfg):
-    from common.data import prepare
+    from common.data.prepare import prepare
 
     prep = prepare(tiny_cfg, progress=False)
     cache = prep.cache

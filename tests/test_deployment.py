@@ -50,7 +50,7 @@ TINY = 'arch="resnet10" image-size=32 rounds=2 local-epochs=1 batch-size=8 clien
 
 
 def make_site(path: Path, scans: int, seed: int) -> Path:
-    from common.synthetic import make_dataset
+    from common.data.synthetic import make_dataset
 
     return make_dataset(path, scans, seed=seed, workers=1)
 

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import explain
-from common.luna16 import CTScan, Geometry, Nodule
-from common.model import build_model
-from common.patches import PatchSpec, extract_hu
+from analysis import cams as explain
+from common.data.luna16 import CTScan, Geometry, Nodule
+from common.data.patches import PatchSpec, extract_hu
+from common.training.model import build_model
 
 
 class BlobNet(nn.Module):
@@ -199,8 +199,8 @@ def test_select_cases():
 @pytest.fixture(scope="module")
 def tiny_run(tiny_root, tmp_path_factory):
     from common.config import RunConfig
-    from common.data import prepare
-    from common.results import RunDir
+    from common.data.prepare import prepare
+    from experiment.results import RunDir
 
     tmp = tmp_path_factory.mktemp("explain")
     cfg = RunConfig(data=str(tiny_root), cache_dir=str(tmp / "cache"), out=str(tmp / "runs"), run_name="tiny",

@@ -1,4 +1,4 @@
-"""Tests of common.froc: hand-made cases with answers worked out in the comments."""
+"""Tests of common.evaluation.froc: hand-made cases with answers worked out in the comments."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.froc import (
+from common.evaluation.froc import (
     FP_RATES,
     Finding,
     Mark,

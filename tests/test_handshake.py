@@ -10,7 +10,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import app as client_app
 from common.config import RunConfig
-from common.model import build_model, signature
+from common.training.model import build_model, signature
 from server.federation import HandshakeError, handshake, setup
 
 

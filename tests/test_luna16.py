@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from common.luna16 import DataError, check_mhd, load_luna16, read_scan
+from common.data.luna16 import DataError, check_mhd, load_luna16, read_scan
 
 
 def _write(path: Path, array: np.ndarray, origin, spacing, direction) -> Path:

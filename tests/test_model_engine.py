@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.engine import DeadlineExceeded, evaluate, prepare, proximal_term, train_one_epoch
-from common.model import build_model, get_arrays, load_weights, set_arrays, signature
+from common.training.engine import DeadlineExceeded, evaluate, prepare, proximal_term, train_one_epoch
+from common.training.model import build_model, get_arrays, load_weights, set_arrays, signature
 
 
 def _loader(n=8, size=32, batch=4, seed=0):

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.partition import ScanInfo, SitePlan, make_plan
+from common.data.partition import ScanInfo, SitePlan, make_plan
 
 
 def _scans(n: int, seed: int = 0) -> list[ScanInfo]:

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-import common.cache as cache_mod
-from common.cache import build_cache, cache_key, open_cache
-from common.luna16 import DataError, load_luna16, read_scan
-from common.patches import PAD_HU, PatchSpec, extract_hu
+import common.data.cache as cache_mod
+from common.data.cache import build_cache, cache_key, open_cache
+from common.data.luna16 import DataError, load_luna16, read_scan
+from common.data.patches import PAD_HU, PatchSpec, extract_hu
 
 
 def _sphere_scan(tmp_path, direction, spacing=(0.7, 0.7, 2.0)):

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.engine import train_one_epoch
-from common.model import build_model
-from common.privacy import BudgetExhausted, LocalDP, conv2d_norm_sample, epsilon_of
+from common.privacy.dpsgd import BudgetExhausted, LocalDP, conv2d_norm_sample, epsilon_of
+from common.training.engine import train_one_epoch
+from common.training.model import build_model
 
 
 def rdp_sampled_gaussian(q: float, sigma: float, alpha: int) -> float:
@@ -127,7 +127,7 @@ def test_dp_step_on_resnet50_is_the_mean_of_clipped_per_sample_gradients():
 
     from opacus import PrivacyEngine
 
-    from common.privacy import register_norm_samplers
+    from common.privacy.dpsgd import register_norm_samplers
 
     torch.manual_seed(0)
     x, y = torch.randn(6, 3, 32, 32), torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0])
@@ -158,7 +158,7 @@ def test_dp_step_on_resnet50_is_the_mean_of_clipped_per_sample_gradients():
     size = torch.sqrt(sum((e ** 2).sum() for e in expected))
     assert size > 0 and float(err / size) < 1e-3
     # the signal sim/bench.py reports (dpsignal) is this step's norm
-    from common.privacy import clipped_signal
+    from common.privacy.dpsgd import clipped_signal
 
     sig = clipped_signal(model, [(x, y)], clip)
     assert sig["signal"] == pytest.approx(float(size), rel=1e-4)
@@ -171,7 +171,7 @@ def test_epsilon_of_an_empty_history_is_zero():
 
 def test_dp_sgd_training_of_norms_and_head_only_leaves_every_convolution_as_given(tmp_path):
     from common.config import RunConfig
-    from common.model import make_optimizer, set_trainable
+    from common.training.model import make_optimizer, set_trainable
 
     model = build_model("resnet10", "group")
     optimizer = make_optimizer(model, RunConfig(optimizer="sgd", lr=0.05, momentum=0.9, train_params="norms+head"))

@@ -121,7 +121,7 @@ def test_robust_strategy_resists_a_scaled_sign_flipped_update(strategy):
 
 
 def test_half_precision_on_the_wire_is_decoded_to_float32():
-    from common import wire
+    from common.training import wire
 
     a, b = arrays(1), arrays(2)
     g = guard(update_dtype="bfloat16")
@@ -147,7 +147,7 @@ def test_strategy_state_survives_export_and_import():
                                np.asfortranarray(np.ones((3, 4), np.float32))],
                          ids=["float32", "0-d int64", "empty", "uint16", "fortran"])
 def test_weights_read_and_written_without_copies_are_flowers_own_bytes(v):
-    from common import wire
+    from common.training import wire
 
     mine, flowers = wire.to_array(v), Array(v)
     if v.flags.c_contiguous:
@@ -161,7 +161,7 @@ def test_weights_read_and_written_without_copies_are_flowers_own_bytes(v):
 
 
 def test_a_corrupt_weights_payload_is_an_error_not_a_wrong_view():
-    from common import wire
+    from common.training import wire
 
     good = Array(np.ones((2, 3), np.float32))
     bad = Array(dtype="float32", shape=(2, 3), stype="numpy.ndarray", data=b"\x00" * len(good.data))

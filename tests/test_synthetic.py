@@ -7,8 +7,8 @@ import csv
 import numpy as np
 import pytest
 
-from common.luna16 import load_luna16, read_scan
-from common.synthetic import make_dataset, make_scan
+from common.data.luna16 import load_luna16, read_scan
+from common.data.synthetic import make_dataset, make_scan
 
 
 def test_files_are_in_luna16_format(tiny_root):

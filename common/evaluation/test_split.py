@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import froc
-from .dataset import eval_loader
-from .engine import evaluate
-from .luna16 import Luna16
-from .metrics import bootstrap_ci, sigmoid
+from common.data.loaders import eval_loader
+from common.data.luna16 import Luna16
+from common.evaluation import froc
+from common.evaluation.metrics import bootstrap_ci, sigmoid
+from common.training.engine import evaluate
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class TestSplit:
     def final(self, logits: np.ndarray, labels: np.ndarray, out: Path, seed: int = 0, n_boot: int = 1000
               ) -> dict:
         """Point estimates with 95% CIs over patients; writes submission.csv; returns the summary."""
-        from .metrics import binary_metrics
+        from common.evaluation.metrics import binary_metrics
 
         point = binary_metrics(labels, logits)
         ci = bootstrap_ci(labels, logits, self.seriesuid, n_boot=n_boot, seed=seed)

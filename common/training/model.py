@@ -162,7 +162,7 @@ def set_arrays(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
     own = model.state_dict()
     prefix = "_module." if next(iter(own)).startswith("_module.") else ""
     with torch.no_grad(), warnings.catch_warnings():
-        # arrays may be read-only views of a message's bytes (common.wire.view): only read here
+        # arrays may be read-only views of a message's bytes (common.training.wire.view): only read here
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         for k, v in arrays.items():
             t = own[prefix + k]

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .cache import PatchCache
+from common.data.cache import PatchCache
 
 
 def to_float(patches: np.ndarray) -> np.ndarray:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_write_json, atomic_write_text
+from common.atomic import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -18,13 +18,13 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from . import model as model_lib
-from .atomic import atomic_write_json
-from .cache import open_cache
-from .config import RunConfig
-from .dataset import eval_loader
-from .engine import predict
-from .partition import SitePlan
+from common.atomic import atomic_write_json
+from common.config import RunConfig
+from common.data.cache import open_cache
+from common.data.loaders import eval_loader
+from common.data.partition import SitePlan
+from common.training import model as model_lib
+from common.training.engine import predict
 
 log = logging.getLogger(__name__)
 

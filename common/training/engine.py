@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .metrics import binary_metrics
+from common.evaluation.metrics import binary_metrics
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, amp: boo
 
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: bool = False
              ) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
-    """Metrics of :func:`common.metrics.binary_metrics`, plus the logits and labels."""
+    """Metrics of :func:`common.evaluation.metrics.binary_metrics`, plus the logits and labels."""
     t0 = time.perf_counter()
     logits, labels = predict(model, loader, device, amp)
     metrics = binary_metrics(labels, logits)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from .luna16 import CTScan
+from common.data.luna16 import CTScan
 
 PAD_HU = -1000.0
 # Channel order and the two world axes (x=0, y=1, z=2) spanning each plane's

@@ -28,7 +28,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from .atomic import atomic_write
+from common.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 

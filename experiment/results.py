@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from .atomic import atomic_write, atomic_write_json, json_default
-from .config import RunConfig
+from common.atomic import atomic_write, atomic_write_json, json_default
+from common.config import RunConfig
 
 log = logging.getLogger(__name__)
 

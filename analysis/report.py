@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import froc
-from .atomic import atomic_write_text
-from .metrics import binary_metrics
-from .plots import learning_curves, roc_curves
-from .results import NOTICE, RunDir
+from analysis.plots import learning_curves, roc_curves
+from common.atomic import atomic_write_text
+from common.evaluation import froc
+from common.evaluation.metrics import binary_metrics
+from experiment.results import NOTICE, RunDir
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def build_report(runs: list[Run], out: Path, folds: list[Run] | None = None) -> 
     if frocs:
         froc.plot_froc(frocs, out / "froc.png")
         images["FROC curves (LUNA16 candidate metric)"] = out / "froc.png"
-    from .explain import cam_figures
+    from analysis.cams import cam_figures
 
     cam_docs = {r.label: doc for r in runs if (doc := cam_figures(r.path)) is not None}
     cams = {label: pngs for label, (pngs, _) in cam_docs.items()}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_write
+from common.atomic import atomic_write
 
 
 def _figure():

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .atomic import atomic_write_json
+from common.atomic import atomic_write_json
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ resize, kept to measure the difference. A patch of even size has its centre (the
 candidate) between pixels ``size/2 - 1`` and ``size/2``, half a pixel from cell ``size/(2s)``.
 
 The three channels of a patch are three planes (axial, coronal, sagittal; see
-:mod:`common.patches`), so one heatmap pixel ``(row, col)`` stands for three world points,
+:mod:`common.data.patches`), so one heatmap pixel ``(row, col)`` stands for three world points,
 one per plane. The grid lays the same map over every plane.
 
 Pointing game (the localisation score). For a positive candidate whose annotated nodule
@@ -58,15 +58,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .atomic import atomic_write_json
-from .cache import PatchCache, open_cache
-from .config import RunConfig
-from .dataset import eval_loader, to_float
-from .engine import predict
-from .luna16 import DataError, Nodule, load_luna16, read_scan
-from .metrics import sigmoid
-from .model import build_model, resolve_device, strip_prefixes
-from .patches import PLANES, PatchSpec, extract
+from common.atomic import atomic_write_json
+from common.config import RunConfig
+from common.data.cache import PatchCache, open_cache
+from common.data.loaders import eval_loader, to_float
+from common.data.luna16 import DataError, Nodule, load_luna16, read_scan
+from common.data.patches import PLANES, PatchSpec, extract
+from common.evaluation.metrics import sigmoid
+from common.training.engine import predict
+from common.training.model import build_model, resolve_device, strip_prefixes
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def low_res_maps(model: nn.Module, x: torch.Tensor, *, method: str = "gradcam", 
         A one-logit classifier; for ``method="cam"`` its head must be global average
         pooling then ``model.fc`` (as torchvision's ResNets), fed by ``layer``.
     x
-        Input batch (N, C, H, W) in the model's input range (:func:`common.dataset.to_float`).
+        Input batch (N, C, H, W) in the model's input range (:func:`common.data.loaders.to_float`).
     method
         ``gradcam`` or ``cam``.
     layer
@@ -225,7 +225,7 @@ def peaks(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------------------
-# Geometry: world points and the patch's pixels (the conventions of common.patches)
+# Geometry: world points and the patch's pixels (the conventions of common.data.patches)
 # ----------------------------------------------------------------------------------------
 def project(spec: PatchSpec, centre_xyz: Sequence[float], point_xyz: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     """Where a world point falls in each plane of the patch centred at ``centre_xyz``.
@@ -436,7 +436,7 @@ def shifted_centres(nodules: Sequence[Nodule], shift: float, seed: int = 0) -> n
 
 def cut_patches(run: LoadedRun, uids: np.ndarray, centres: np.ndarray, progress: bool = False) -> np.ndarray:
     """Patches (N, 3, S, S) uint8 cut from the run's CT scans around world centres (the
-    preprocessing of the cache: :func:`common.patches.extract`)."""
+    preprocessing of the cache: :func:`common.data.patches.extract`)."""
     from tqdm import tqdm
 
     out = np.empty((len(centres), 3, run.spec.size, run.spec.size), dtype=np.uint8)
@@ -668,7 +668,7 @@ def draw_grid(path: Path, spec: PatchSpec, columns: dict[str, list[dict[str, Any
     """
     from matplotlib.patches import Circle
 
-    from .plots import _figure, _save
+    from analysis.plots import _figure, _save
 
     rows = max(1, max(len(v) for v in columns.values()))
     Figure = _figure()

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_write_json
-from .luna16 import DataError, Luna16, read_scan
-from .patches import PatchSpec, extract
+from common.atomic import atomic_write_json
+from common.data.luna16 import DataError, Luna16, read_scan
+from common.data.patches import PatchSpec, extract
 
 log = logging.getLogger(__name__)
 INDEX_COLUMNS = ("row", "seriesuid", "subset", "coordX", "coordY", "coordZ", "label")

@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import froc
-from .config import RunConfig
-from .evaluation import TestSplit
-from .plots import learning_curves, roc_curves
-from .results import NOTICE, RunDir
+from analysis.plots import learning_curves, roc_curves
+from common.config import RunConfig
+from common.evaluation import froc
+from common.evaluation.test_split import TestSplit
+from experiment.results import NOTICE, RunDir
 
 log = logging.getLogger("luna_fl")
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache import PatchCache, build_cache
-from .config import RunConfig, default_home
-from .luna16 import Luna16, load_luna16
-from .partition import ScanInfo, SitePlan, make_plan, scan_infos
-from .patches import PatchSpec
+from common.config import RunConfig, default_home
+from common.data.cache import PatchCache, build_cache
+from common.data.luna16 import Luna16, load_luna16
+from common.data.partition import ScanInfo, SitePlan, make_plan, scan_infos
+from common.data.patches import PatchSpec
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def resolve_root(cfg: RunConfig, progress: bool = True) -> Path:
         if not root.exists():
             raise ValueError(f"--data {root}: no such folder")
         return root
-    from .synthetic import make_dataset
+    from common.data.synthetic import make_dataset
 
     root = synthetic_root(cfg)
     if not (root / "synthetic.json").exists():

@@ -15,14 +15,14 @@ from typing import Any
 
 import torch
 
-from . import model as model_lib
-from .config import RunConfig
-from .data import Prepared
-from .dataset import epoch_size, train_loader
-from .engine import prepare, train_one_epoch
-from .evaluation import TestSplit
-from .results import RunDir
-from .tracker import RunTracker
+from common.config import RunConfig
+from common.data.loaders import epoch_size, train_loader
+from common.data.prepare import Prepared
+from common.evaluation.test_split import TestSplit
+from common.training import model as model_lib
+from common.training.engine import prepare, train_one_epoch
+from experiment.results import RunDir
+from experiment.tracker import RunTracker
 
 log = logging.getLogger("luna_fl")
 

@@ -1,0 +1,1 @@
+"""Metrics, LUNA16's FROC/CPM, the held-out test split."""

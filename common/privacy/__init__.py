@@ -1,0 +1,1 @@
+"""Differential privacy at a site (Opacus DP-SGD, the budget ledger)."""

@@ -1,0 +1,1 @@
+"""The model factory, the one training engine, weights on the wire."""

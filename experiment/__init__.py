@@ -1,0 +1,1 @@
+"""A run on the coordinator's side: results folder, per-round tracker, centralized baseline."""
