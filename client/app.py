@@ -23,20 +23,41 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # a hospital's node does n
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
+from common import __version__  # noqa: E402
 from common.config import RunConfig  # noqa: E402
 from common.training import model as model_lib  # noqa: E402
 from common.training import wire  # noqa: E402
 from common.training.memory import release_freed_memory  # noqa: E402
 
-from .site import SiteData, SiteError, evaluate_site, fails_at_random, simulated_site, train_site  # noqa: E402
+from .site import SiteData, SiteError, evaluate_site, simulated_site, train_site  # noqa: E402
 
 log = logging.getLogger(__name__)
 app = ClientApp()
 
 
 def _config(msg: Message) -> tuple[RunConfig, ConfigRecord]:
+    """The run configuration the server sent, checked before this site does anything with it."""
     rec = msg.content["config"]
-    return RunConfig.from_json(str(rec["run-config"])), rec
+    theirs = str(rec.get("luna-fl-version", "")) or "an unknown version (older than 0.1.0)"
+    if theirs != __version__:
+        raise SiteError(f"the server runs luna-fl {theirs}, this site runs luna-fl {__version__}: "
+                        "both sides must run the same release")
+    try:
+        cfg = RunConfig.from_json(str(rec["run-config"]))
+    except ValueError as exc:
+        raise SiteError(f"the server's run configuration is not valid at this site: {exc}") from None
+    refuse_rehearsal(cfg)
+    return cfg, rec
+
+
+def refuse_rehearsal(cfg: RunConfig) -> None:
+    """A hospital never rehearses faults: a run that sets a simulation-only setting is refused."""
+    asked = cfg.rehearsal()
+    if asked:
+        raise SiteError("this site refuses the run: it sets simulation-only fault-rehearsal setting(s) "
+                        + ", ".join(f"{k}={v!r}" for k, v in asked.items())
+                        + "; a hospital never fails or misbehaves on request (sim/faults.py rehearses that "
+                        "in simulation only)")
 
 
 def site_data(cfg: RunConfig, rec: ConfigRecord, context: Context) -> SiteData:
@@ -94,8 +115,6 @@ def train(msg: Message, context: Context) -> Message:
     cfg, rec = _config(msg)
     server_round = int(rec["server-round"])
     data = site_data(cfg, rec, context)
-    if fails_at_random(cfg, data.name, server_round):
-        raise SiteError(f"[site {data.name}] simulated failure in round {server_round} (--fail-prob {cfg.fail_prob})")
     deadline = float(rec["deadline"]) if "deadline" in rec else None
     incoming = _arrays_in(msg, cfg)
     content, val_seconds = {}, 0.0
@@ -105,7 +124,7 @@ def train(msg: Message, context: Context) -> Message:
         val_seconds = time.perf_counter() - t_val
     arrays, metrics = train_site(cfg, data, incoming, server_round, deadline=deadline)
     metrics["val-seconds"] = val_seconds
-    metrics["num-examples"] = float(data.train_size(cfg)) * metrics.pop("inflate-factor", 1.0)
+    metrics["num-examples"] = float(data.train_size(cfg))
     metrics["unit-weight"] = 1.0  # equal weights, for client-level (central) DP accounting
     encoded = wire.encode(arrays, cfg.update_dtype)
     metrics["bytes-sent"] = float(wire.nbytes(encoded))

@@ -93,13 +93,6 @@ def site_seed(cfg: RunConfig, site: str, server_round: int, salt: int = 0) -> in
     return int.from_bytes(digest[:4], "little")
 
 
-def fails_at_random(cfg: RunConfig, site: str, server_round: int) -> bool:
-    """``--fail-prob``: a reproducible coin flip per site and round."""
-    if cfg.fail_prob <= 0:
-        return False
-    return np.random.default_rng(site_seed(cfg, site, server_round, salt=99)).random() < cfg.fail_prob
-
-
 def train_site(cfg: RunConfig, data: SiteData, arrays: dict[str, np.ndarray], server_round: int, *,
                deadline: float | None = None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Local training for one round: returns the new weights and the round's metrics.
@@ -110,9 +103,6 @@ def train_site(cfg: RunConfig, data: SiteData, arrays: dict[str, np.ndarray], se
     With ``--dp local`` the same engine runs on Opacus' wrapped model, optimizer, loss and
     Poisson-sampling loader (:mod:`common.privacy.dpsgd`); everything else is identical.
     """
-    injected = cfg.injections().get(data.name)
-    if injected == "crash":
-        raise SiteError(f"[site {data.name}] injected crash in round {server_round} (--inject)")
     device = model_lib.resolve_device(cfg.device)
     seed = site_seed(cfg, data.name, server_round)
     model = Warm.model(cfg, device)
@@ -142,8 +132,7 @@ def train_site(cfg: RunConfig, data: SiteData, arrays: dict[str, np.ndarray], se
             elif dp is not None:
                 epoch_loader = dp.loader(epoch_loader, seed + epoch)
             st = train_one_epoch(train_model, epoch_loader, optimizer, device, amp=cfg.amp and dp is None,
-                                 extra_loss=extra, deadline=deadline, log_prefix=prefix, criterion=criterion,
-                                 after_step=(lambda: time.sleep(2.0)) if injected == "slow" else None)
+                                 extra_loss=extra, deadline=deadline, log_prefix=prefix, criterion=criterion)
             stats.append(st)
             log.info("%sepoch %d/%d: loss %.4f, %d examples, %.1f img/s", prefix, epoch + 1, cfg.local_epochs,
                      st["loss"], st["examples"], st["images_per_s"])
@@ -160,10 +149,7 @@ def train_site(cfg: RunConfig, data: SiteData, arrays: dict[str, np.ndarray], se
         metrics.update({"dp-epsilon": privacy["epsilon"], "dp-delta": privacy["delta"],
                         "dp-noise": privacy["noise_multiplier"], "dp-steps": float(privacy["steps"]),
                         "dp-sample-rate": privacy["sample_rate"]})
-    out = model_lib.get_arrays(model, copy=False)
-    if injected:
-        out = misbehave(injected, out, arrays, metrics)
-    return out, metrics
+    return model_lib.get_arrays(model, copy=False), metrics
 
 
 def local_dp(cfg: RunConfig, data: SiteData, batches_per_epoch: int) -> LocalDP:
@@ -174,28 +160,6 @@ def local_dp(cfg: RunConfig, data: SiteData, batches_per_epoch: int) -> LocalDP:
                    local_epochs=cfg.local_epochs, rounds=cfg.rounds, clip=cfg.dp_clip, noise=cfg.dp_noise,
                    target_epsilon=cfg.dp_epsilon, delta=cfg.dp_delta, grad_sample_mode=cfg.dp_grad_sample_mode,
                    ledger_path=data.state_dir / f"{data.name}.privacy.json")
-
-
-def misbehave(kind: str, local: dict[str, np.ndarray], global_: dict[str, np.ndarray],
-              metrics: dict[str, float]) -> dict[str, np.ndarray]:
-    """What a broken or malicious site sends (``--inject``, for rehearsals and tests)."""
-    out = dict(local)
-    name = next(k for k, v in out.items() if v.ndim >= 2)
-    if kind == "nan":
-        bad = out[name].copy()
-        bad.flat[0] = np.nan
-        bad.flat[-1] = np.inf
-        out[name] = bad
-    elif kind == "shape":
-        out[name] = out[name][:-1]
-    elif kind == "missing":
-        del out[name]
-    elif kind == "inflate":
-        metrics["inflate-factor"] = 100.0  # applied to num-examples by the ClientApp
-    elif kind == "signflip":  # a scaled, sign-flipped update: w_g - 10 (w_local - w_g)
-        out = {k: (g - 10.0 * (v - g)).astype(v.dtype) if np.issubdtype(v.dtype, np.floating) else v
-               for (k, v), g in zip(out.items(), (global_[k] for k in out), strict=True)}
-    return out
 
 
 def evaluate_site(cfg: RunConfig, data: SiteData, arrays: dict[str, np.ndarray]) -> dict[str, float]:

@@ -102,9 +102,10 @@ class RunConfig:
     node_timeout: float = _f(300.0, "seconds to wait for enough sites to connect before failing")
     update_dtype: str = _f("float32", "dtype of weights on the wire (float16/bfloat16 halve traffic)",
                            choices=UPDATE_DTYPES)
-    fail_prob: float = _f(0.0, "simulation only: chance that a site fails a round at random")
+    fail_prob: float = _f(0.0, "simulation only: chance that a site fails a round at random", rehearsal=True)
     inject: str = _f("", "simulation only, to rehearse attacks and faults: SITE:KIND pairs, e.g. "
-                     "'site-2:nan,site-5:signflip' (kinds: nan, shape, missing, inflate, signflip, slow, crash)")
+                     "'site-2:nan,site-5:signflip' (kinds: nan, shape, missing, inflate, signflip, slow, crash)",
+                     rehearsal=True)
     # --- differential privacy -----------------------------------------------------------
     dp: str = _f("off", "off, local (Opacus DP-SGD at each site) or central (Flower server-side DP)",
                  choices=DP_MODES)
@@ -152,6 +153,20 @@ class RunConfig:
                 problems.append(f"--{_kebab(name)} must be in (0, 1], got {getattr(self, name)}")
         if not 0.0 <= self.fail_prob < 1.0:
             problems.append(f"--fail-prob must be in [0, 1), got {self.fail_prob}")
+        at_least_zero = ("dp_epsilon", "dp_noise", "weight_decay", "proximal_mu", "gpus_per_client",
+                         "max_parallel", "min_fit_clients", "krum_malicious", "max_neg_per_scan")
+        problems += [f"--{_kebab(n)} must be >= 0, got {getattr(self, n)}"
+                     for n in at_least_zero if not getattr(self, n) >= 0]
+        above_zero = ("dp_clip", "server_lr", "round_timeout", "node_timeout", "cpus_per_client")
+        problems += [f"--{_kebab(n)} must be > 0, got {getattr(self, n)}"
+                     for n in above_zero if not getattr(self, n) > 0]
+        if not 0.0 <= self.dp_delta < 1.0:
+            problems.append(f"--dp-delta must be in [0, 1) (0 = the default rule), got {self.dp_delta}")
+        if not 0.0 <= self.trim_beta < 0.5:
+            problems.append(f"--trim-beta must be in [0, 0.5), got {self.trim_beta}")
+        if self.synthetic_scans < 10:
+            problems.append(f"--synthetic-scans must be at least 10 (one per LUNA16 subset), got "
+                            f"{self.synthetic_scans}")
         if not 0.0 < self.val_fraction < 1.0:
             problems.append(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         if self.alpha <= 0:
@@ -189,6 +204,17 @@ class RunConfig:
         if not out or any(s < 0 or s > 9 for s in out):
             raise ValueError(f"--test-subsets {self.test_subsets!r}: expected a comma list of 0..9")
         return out
+
+    def rehearsal(self) -> dict[str, Any]:
+        """The simulation-only fault-rehearsal settings this run sets ({kebab name: value}).
+
+        Only ``sim/faults.py`` acts on them; a hospital's ClientApp refuses a run that sets any.
+        """
+        return {_kebab(n): getattr(self, n) for n in REHEARSAL if getattr(self, n) != _DEFAULTS[n]}
+
+    def without_rehearsal(self) -> RunConfig:
+        """This configuration with every rehearsal setting at its default."""
+        return dataclasses.replace(self, **{n: _DEFAULTS[n] for n in REHEARSAL})
 
     def injections(self) -> dict[str, str]:
         """``--inject`` as {site: kind}."""
@@ -247,6 +273,10 @@ class RunConfig:
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
+
+
+_DEFAULTS = {f.name: f.default for f in fields(RunConfig)}
+REHEARSAL = tuple(f.name for f in fields(RunConfig) if f.metadata.get("rehearsal"))
 
 
 def _kebab(name: str) -> str:

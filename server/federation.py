@@ -20,6 +20,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
+from common import __version__
 from common.config import RunConfig
 from common.data.loaders import epoch_size
 from common.data.partition import format_summary, save_summary, summary_rows
@@ -87,7 +88,7 @@ def setup(cfg: RunConfig, resume: str = "", progress: bool = True, with_data: bo
 def base_config(sr: ServerRun) -> ConfigRecord:
     """What every message to a site carries: the whole config and, in simulation, where
     the shared cache and the site plan are."""
-    rec: dict[str, Any] = {"run-config": sr.cfg.to_json()}
+    rec: dict[str, Any] = {"run-config": sr.cfg.to_json(), "luna-fl-version": __version__}
     if sr.prepared is not None and sr.cfg.federation == "simulation":
         rec["plan-path"] = str(sr.run.path / "sites.json")
         rec["cache-path"] = str(sr.prepared.cache.path)

@@ -96,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from flwr.simulation import run_simulation
 
-        from client.app import app as client_app
         from server.app import server_app_for
+        from sim.faults import app as client_app  # the hospital's ClientApp, plus fault rehearsal
 
         backend, sr.slots = backend_config(cfg, args.verbose)
         where = f"the Ray cluster at {cfg.ray_address}" if cfg.ray_address else "a local Ray instance"

@@ -17,7 +17,8 @@ from server.federation import HandshakeError, handshake, setup
 class InProcessGrid:
     """Delivers messages straight to the ClientApp, each node with its own node config."""
 
-    def __init__(self, node_configs: dict[int, dict]) -> None:
+    def __init__(self, node_configs: dict[int, dict], app=client_app) -> None:
+        self.app = app
         self.contexts = {n: Context(run_id=1, node_id=n, node_config=cfg, state=RecordDict(), run_config={})
                          for n, cfg in node_configs.items()}
 
@@ -29,7 +30,7 @@ class InProcessGrid:
 
     def _deliver(self, m: Message) -> Message:
         try:
-            return client_app(message=m, context=self.contexts[m.metadata.dst_node_id])
+            return self.app(message=m, context=self.contexts[m.metadata.dst_node_id])
         except Exception as exc:  # as Flower's runtimes do: a ClientApp that raises answers with an error
             return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(exc).__name__}: {exc}"),
                            reply_to=m)
@@ -114,3 +115,46 @@ def test_a_site_with_a_corrupted_scan_reports_it_and_one_that_cannot_read_its_da
     grid.contexts[11].node_config["cache-path"] = str(tmp_path / "cx2")
     _, _, excluded = handshake(grid, server_run, sig)
     assert set(excluded) == {11, 12} and victim.stem in excluded[11]
+
+
+def test_a_hospital_refuses_a_run_that_sets_a_rehearsal_setting_and_names_it(server_run):
+    from sim.faults import app as rehearsal_app
+
+    sig = signature(build_model(server_run.cfg.arch, server_run.cfg.norm))
+    server_run.cfg = server_run.cfg.replace(inject="site-1:signflip", fail_prob=0.2)
+    with pytest.raises(HandshakeError, match="only 0 of 2 sites can take part") as err:
+        handshake(InProcessGrid(nodes(2)), server_run, sig)
+    assert err.value.args[0].count("refuses the run") == 2
+    assert "inject='site-1:signflip'" in str(err.value) and "fail-prob=0.2" in str(err.value)
+    # the simulation's wrapper (sim/faults.py) clears them before the hospital's code sees the run
+    node_sites, _, excluded = handshake(InProcessGrid(nodes(2), app=rehearsal_app), server_run, sig)
+    assert excluded == {} and sorted(node_sites.values()) == ["site-0", "site-1"]
+
+
+def test_a_server_of_another_release_is_named_with_both_versions(server_run, monkeypatch):
+    import common
+    import server.federation
+
+    sig = signature(build_model(server_run.cfg.arch, server_run.cfg.norm))
+    monkeypatch.setattr(server.federation, "__version__", "0.0.9")
+    with pytest.raises(HandshakeError, match="only 0 of 2 sites") as err:
+        handshake(InProcessGrid(nodes(2)), server_run, sig)
+    assert f"the server runs luna-fl 0.0.9, this site runs luna-fl {common.__version__}" in str(err.value)
+
+
+def test_the_release_is_the_package_version():
+    import tomllib
+    from pathlib import Path
+
+    import common
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert common.__version__ == pyproject["project"]["version"]
+
+
+def test_settings_out_of_range_are_refused_naming_the_option():
+    for bad, name in ((dict(dp_epsilon=-3.0), "--dp-epsilon must be >= 0"), (dict(dp_clip=0.0), "--dp-clip"),
+                      (dict(dp_delta=1.0), "--dp-delta"), (dict(server_lr=0.0), "--server-lr"),
+                      (dict(trim_beta=0.5), "--trim-beta"), (dict(round_timeout=-1.0), "--round-timeout")):
+        with pytest.raises(ValueError, match=name):
+            RunConfig(**bad)

@@ -66,7 +66,6 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
                     device: torch.device, *, amp: bool = False,
                     extra_loss: Callable[[nn.Module], torch.Tensor] | None = None,
                     deadline: float | None = None, log_prefix: str = "", progress: bool = False,
-                    after_step: Callable[[], None] | None = None,
                     criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
                     ) -> dict[str, float]:
     """One pass over ``loader`` with BCE on one logit; returns loss, examples, seconds, img/s.
@@ -108,8 +107,6 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
                                      "lower --lr or check the input data")
         loss.backward()
         optimizer.step()
-        if after_step is not None:
-            after_step()
         total_loss += data_loss * len(y)
         seen += len(y)
         if bar is not None:
