@@ -23,6 +23,7 @@ from common.config import RunConfig
 from common.data.cache import open_cache
 from common.data.loaders import eval_loader
 from common.data.partition import SitePlan
+from common.evaluation.metrics import bce_terms, bootstrap
 from common.training import model as model_lib
 from common.training.engine import predict
 
@@ -59,20 +60,19 @@ def membership_audit(run_dir: Path | str, max_per_group: int = 1000, seed: int =
     pos = np.concatenate(chosen_m + chosen_o)
     is_member = np.concatenate([np.ones(sum(len(c) for c in chosen_m)), np.zeros(sum(len(c) for c in chosen_o))])
     logits, labels = predict(model, eval_loader(cache, pos), torch.device("cpu"))
-    z, y = logits.astype(np.float64), labels.astype(np.float64)
-    loss = np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))
+    loss = bce_terms(labels, logits)
     score = -loss
-    auc = float(roc_auc_score(is_member, score))
-    boots = []
-    for _ in range(n_boot):
-        i = rng.integers(0, len(score), len(score))
-        if 0 < is_member[i].sum() < len(i):
-            boots.append(roc_auc_score(is_member[i], score[i]))
+
+    def attack_auc(i: np.ndarray) -> dict[str, float]:
+        return {"auc": float(roc_auc_score(is_member[i], score[i])) if 0 < is_member[i].sum() < len(i) else np.nan}
+
+    auc = attack_auc(np.arange(len(score)))["auc"]
+    ci = bootstrap(attack_auc, np.arange(len(score)), ("auc",), n_boot=n_boot, seed=seed)["auc"]
     result = {
         "attack": "loss threshold (score = -BCE loss of the final global model)",
         "members": "patches of the sites' training scans", "non_members": "patches of the held-out test scans",
         "n_members": int(is_member.sum()), "n_non_members": int((1 - is_member).sum()),
-        "attack_auc": auc, "attack_auc_ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))],
+        "attack_auc": auc, "attack_auc_ci95": list(ci),
         "tpr_at_1pct_fpr": tpr_at_fpr(is_member, score, 0.01),
         "mean_loss_members": float(loss[is_member == 1].mean()),
         "mean_loss_non_members": float(loss[is_member == 0].mean()),

@@ -17,7 +17,6 @@ the run's seed, the same way every round.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -28,14 +27,11 @@ from common.data.cache import build_cache
 from common.data.luna16 import load_luna16
 from common.data.prepare import patch_spec
 
-from .site import SiteData, SiteError
-
-_lock = threading.Lock()
-_sites: dict[tuple, SiteData] = {}
+from .site import WARM, SiteData, SiteError
 
 
 def deployed_site(cfg: RunConfig, node: Mapping[str, object]) -> SiteData:
-    """This SuperNode's site (built once per process and settings, then kept warm)."""
+    """This SuperNode's site (built once per process and settings, then kept warm in :data:`client.site.WARM`)."""
     name = str(node.get("site-name", "")).strip()
     if not name:
         raise SiteError("node config lacks site-name (start the SuperNode with --node-config "
@@ -46,18 +42,23 @@ def deployed_site(cfg: RunConfig, node: Mapping[str, object]) -> SiteData:
     cache_path = Path(str(node.get("cache-path", default_home() / "site-cache")))
     key = (name, str(data_path), str(cache_path), cfg.fingerprint("image_size", "fov_mm", "hu_min", "hu_max",
                                                                   "max_neg_per_scan", "seed", "val_fraction"))
-    with _lock:
-        if key not in _sites:
-            luna = load_luna16(data_path)
-            on_bad = str(node.get("on-bad-scan", cfg.on_bad_scan))  # the hospital may decide for its own data
-            cache = build_cache(luna, patch_spec(cfg), cache_path, workers=cfg.workers, on_bad_scan=on_bad,
-                                max_neg_per_scan=cfg.max_neg_per_scan, seed=cfg.seed, progress=False)
-            scans = np.array(cache.scan_ids(), dtype=object)
-            rng = np.random.default_rng([cfg.seed, 17])
-            rng.shuffle(scans)
-            n_val = max(1, int(round(len(scans) * cfg.val_fraction))) if len(scans) >= 2 else 0
-            val, train = sorted(scans[:n_val]), sorted(scans[n_val:])
-            state = Path(str(node.get("state-path", cache_path / "state")))
-            _sites[key] = SiteData(name, cache, cache.rows_of(train), cache.rows_of(val), state,
-                                   dict(cache.meta.get("skipped_scans", {})))
-        return _sites[key]
+    def build() -> SiteData:
+        luna = load_luna16(data_path)
+        on_bad = str(node.get("on-bad-scan", cfg.on_bad_scan))  # the hospital may decide for its own data
+        cache = build_cache(luna, patch_spec(cfg), cache_path, workers=cfg.workers, on_bad_scan=on_bad,
+                            max_neg_per_scan=cfg.max_neg_per_scan, seed=cfg.seed, progress=False)
+        train, val = split_site(cache.scan_ids(), cfg)
+        state = Path(str(node.get("state-path", cache_path / "state")))
+        return SiteData(name, cache, cache.rows_of(train), cache.rows_of(val), state,
+                        dict(cache.meta.get("skipped_scans", {})))
+
+    return WARM.get("site", key, build)
+
+
+def split_site(scan_ids: list[str], cfg: RunConfig) -> tuple[list[str], list[str]]:
+    """A hospital's own patients split into (training, validation) by patient, with the run's seed."""
+    scans = np.array(scan_ids, dtype=object)
+    rng = np.random.default_rng([cfg.seed, 17])
+    rng.shuffle(scans)
+    n_val = max(1, int(round(len(scans) * cfg.val_fraction))) if len(scans) >= 2 else 0
+    return sorted(scans[n_val:]), sorted(scans[:n_val])

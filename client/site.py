@@ -3,7 +3,7 @@
 The ClientApp is created anew for every message, but the process that runs it (a Ray
 actor in simulation, a SuperNode's app process in deployment) lives on. Opening the
 patch cache and building a ResNet-50 cost seconds, so both are kept warm per process
-in :class:`Warm`; the weights are always overwritten from the message, so nothing of one
+in :data:`WARM`; the weights are always overwritten from the message, so nothing of one
 site or round leaks into the next.
 """
 
@@ -13,8 +13,11 @@ import hashlib
 import logging
 import threading
 import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -28,6 +31,7 @@ from common.training import model as model_lib
 from common.training.engine import evaluate, prepare, proximal_term, train_one_epoch
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class SiteError(RuntimeError):
@@ -48,41 +52,56 @@ class SiteData:
 
 
 class Warm:
-    """Per-process cache of opened patch caches, site data and models (see module doc)."""
+    """What one process keeps warm between messages, by kind (patch caches, site plans,
+    models, deployed sites), each kind bounded: least recently used first out.
 
-    _lock = threading.Lock()
-    _caches: dict[str, PatchCache] = {}
-    _plans: dict[str, SitePlan] = {}
-    _models: dict[tuple, torch.nn.Module] = {}
+    The owner is the process that runs the ClientApp (a Ray actor in simulation, a
+    SuperNode's app process in deployment): :data:`WARM` is its one instance. A
+    long-lived SuperNode that serves run after run with other settings holds at most
+    ``limit`` entries of each kind, not one per run it ever served.
+    """
 
-    @classmethod
-    def cache(cls, path: str) -> PatchCache:
-        with cls._lock:
-            if path not in cls._caches:
-                cls._caches[path] = open_cache(Path(path))
-            return cls._caches[path]
+    def __init__(self, limit: int = 2) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._kinds: dict[str, OrderedDict[Hashable, Any]] = {}
 
-    @classmethod
-    def plan(cls, path: str) -> SitePlan:
-        with cls._lock:
-            if path not in cls._plans:
-                cls._plans[path] = SitePlan.load(path)
-            return cls._plans[path]
+    def get(self, kind: str, key: Hashable, make: Callable[[], T]) -> T:
+        """The entry ``key`` of ``kind``, made by ``make()`` the first time (under the lock:
+        two messages never build the same cache or model twice)."""
+        with self._lock:
+            entries = self._kinds.setdefault(kind, OrderedDict())
+            if key in entries:
+                entries.move_to_end(key)
+            else:
+                entries[key] = make()
+                while len(entries) > self.limit:
+                    entries.popitem(last=False)
+            return entries[key]
 
-    @classmethod
-    def model(cls, cfg: RunConfig, device: torch.device) -> torch.nn.Module:
-        key = (cfg.arch, cfg.norm, str(device), cfg.amp)
-        with cls._lock:
-            if key not in cls._models:
-                cls._models[key] = prepare(model_lib.build_model(cfg.arch, cfg.norm), device, cfg.amp)
-            return cls._models[key]
+    def size(self, kind: str) -> int:
+        with self._lock:
+            return len(self._kinds.get(kind, ()))
+
+    def cache(self, path: str) -> PatchCache:
+        return self.get("cache", path, lambda: open_cache(Path(path)))
+
+    def plan(self, path: str) -> SitePlan:
+        return self.get("plan", path, lambda: SitePlan.load(path))
+
+    def model(self, cfg: RunConfig, device: torch.device) -> torch.nn.Module:
+        return self.get("model", (cfg.arch, cfg.norm, str(device), cfg.amp),
+                        lambda: prepare(model_lib.build_model(cfg.arch, cfg.norm), device, cfg.amp))
+
+
+WARM = Warm()
 
 
 def simulated_site(cfg: RunConfig, partition_id: int, plan_path: str, cache_path: str, state_path: str = ""
                    ) -> SiteData:
-    plan = Warm.plan(plan_path)
+    plan = WARM.plan(plan_path)
     site = plan.site(partition_id)
-    cache = Warm.cache(cache_path)
+    cache = WARM.cache(cache_path)
     return SiteData(site.name, cache, cache.rows_of(site.train), cache.rows_of(site.val),
                     Path(state_path) if state_path else None)
 
@@ -105,7 +124,7 @@ def train_site(cfg: RunConfig, data: SiteData, arrays: dict[str, np.ndarray], se
     """
     device = model_lib.resolve_device(cfg.device)
     seed = site_seed(cfg, data.name, server_round)
-    model = Warm.model(cfg, device)
+    model = WARM.model(cfg, device)
     model_lib.set_arrays(model, arrays)
     # Seed after the (possibly first) model build, which draws from the same generator:
     # Opacus' Poisson sampler uses it, and a warm and a fresh process must draw alike.
@@ -164,7 +183,7 @@ def local_dp(cfg: RunConfig, data: SiteData, batches_per_epoch: int) -> LocalDP:
 
 def evaluate_site(cfg: RunConfig, data: SiteData, arrays: dict[str, np.ndarray]) -> dict[str, float]:
     device = model_lib.resolve_device(cfg.device)
-    model = Warm.model(cfg, device)
+    model = WARM.model(cfg, device)
     model_lib.set_arrays(model, arrays)
     metrics, _, _ = evaluate(model, eval_loader(data.cache, data.val), device, cfg.amp)
     return metrics

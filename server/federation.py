@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -48,14 +48,13 @@ class ServerRun:
     prepared: Prepared | None
     checkpoint: dict | None = None
     slots: int = 0  # sites training at once (simulation); 0 = one per site
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def start_round(self) -> int:
         return int(self.checkpoint["round"]) if self.checkpoint else 0
 
 
-def setup(cfg: RunConfig, resume: str = "", progress: bool = True, with_data: bool = True) -> ServerRun:
+def setup(cfg: RunConfig, resume: str = "", progress: bool = True) -> ServerRun:
     """Create or reopen the results folder, prepare data and sites, save the plan."""
     checkpoint = None
     if resume:
@@ -70,7 +69,7 @@ def setup(cfg: RunConfig, resume: str = "", progress: bool = True, with_data: bo
     else:
         run = RunDir.create(cfg)
     # In deployment the server needs data only for its own held-out test set.
-    with_data = with_data and (cfg.federation == "simulation" or bool(cfg.data))
+    with_data = cfg.federation == "simulation" or bool(cfg.data)
     prepared = prepare(cfg, progress=progress) if with_data else None
     extra: dict[str, Any] = {}
     if prepared is not None:
@@ -221,7 +220,7 @@ def federate(grid: Grid, sr: ServerRun) -> dict[str, Any]:
     else:
         log.info("all %d rounds are already done", cfg.rounds)
     summary = tracker.finish(model, {"sites": info, "slots": slots, "mode": "federated",
-                                     "privacy": privacy_summary(sr, strategy), **sr.extra})
+                                     "privacy": privacy_summary(sr, strategy)})
     log.info("results in %s", run.path)
     return summary
 

@@ -39,3 +39,18 @@ def test_prepare_names_a_bad_data_folder(tmp_path):
     assert p.returncode == 2 and "no such folder" in p.stderr
     p = run("sim/run.py", "--strategy", "fedsgd", env_home=tmp_path)
     assert p.returncode == 2 and "invalid choice" in p.stderr
+
+
+def test_a_hospital_checks_its_own_folder_which_has_no_test_split(tmp_path):
+    out = tmp_path / "ours"
+    assert run("sim/make_data.py", "--out", str(out), "--scans", "8", "--seed", "6", env_home=tmp_path).returncode == 0
+    assert not list(out.glob("subset9/*.mhd"))  # eight scans: subsets 0-7, no test split
+    common = ("--data", str(out), "--cache", str(tmp_path / "cache"), "--image-size", "16", "--workers", "1")
+    p = run("sim/prepare.py", *common, env_home=tmp_path)
+    assert p.returncode == 2 and "no scans in the test subset(s) [9]" in p.stderr and "--site" in p.stderr
+    p = run("sim/prepare.py", *common, "--site", "hospital-a", env_home=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "site:  hospital-a" in p.stdout
+    train = int(p.stdout.split("training: ")[1].split(" scans")[0])
+    val = int(p.stdout.split("validation: ")[1].split(" scans")[0])
+    assert (train, val) == (6, 2)  # eight patients, --val-fraction 0.2, split by patient

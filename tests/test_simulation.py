@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -172,3 +173,38 @@ def test_fused_site_evaluation_gives_flowers_figures_with_one_model_download_les
     assert sep[2]["test_roc_auc"] == fused[2]["test_roc_auc"]  # training is untouched
     trains = [e for e in rows(tmp_path / "runs" / "fused" / "events.jsonl") if e["kind"] == "train"]
     assert all((e["val-seconds"] > 0) == (e["round"] == 2) for e in trains)
+
+
+def test_central_dp_accounts_each_round_resumes_its_accountant_and_the_run_can_be_audited(tmp_path, tiny_root):
+    from tests.test_privacy import rdp_sampled_gaussian
+
+    common = ("--clients", "2", "--local-epochs", "1", "--rounds", "2", "--dp", "central", "--norm", "group",
+              "--dp-noise", "0.8", "--dp-clip", "5", "--dp-delta", "0.01")
+    sim(tmp_path, tiny_root, *common, "--run-name", "whole")
+    sim_killed_after_round(tmp_path, tiny_root, 1, "cut", *common)
+    sim(tmp_path, tiny_root, "--resume", str(tmp_path / "runs" / "cut"))
+    ra, rb = rows(tmp_path / "runs" / "whole" / "rounds.jsonl"), rows(tmp_path / "runs" / "cut" / "rounds.jsonl")
+    assert [r["round"] for r in rb] == [0, 1, 2]
+    for k in (1, 2):
+        # client-level DP, every site in every round, no sampling: k Gaussian mechanisms of multiplier 0.8
+        best = min(k * rdp_sampled_gaussian(1.0, 0.8, a) + math.log1p(-1 / a) - (math.log(0.01) + math.log(a)) / (a - 1)
+                   for a in range(2, 256))
+        classic = min(k * a / (2 * 0.8 ** 2) - math.log(0.01) / (a - 1) for a in range(2, 256))
+        eps = ra[k]["dp_central_epsilon"]
+        assert best * 0.9 <= eps <= classic * 1.0001, (k, eps, best, classic)
+        assert rb[k]["dp_central_epsilon"] == pytest.approx(eps, rel=1e-9)  # the resumed accountant went on
+    assert ra[1]["dp_central_epsilon"] < ra[2]["dp_central_epsilon"]
+    privacy = json.loads((tmp_path / "runs" / "cut" / "summary.json").read_text())["privacy"]
+    assert privacy["epsilon"] == pytest.approx(ra[2]["dp_central_epsilon"], rel=1e-9)
+    # the membership-inference audit of the finished run, as a user runs it
+    env = {**os.environ, "LUNAFL_HOME": str(tmp_path / "home")}
+    audit = subprocess.run([sys.executable, str(ROOT / "sim" / "audit.py"), str(tmp_path / "runs" / "whole"),
+                            "--max-per-group", "60"], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert audit.returncode == 0, audit.stderr[-3000:]
+    result = json.loads((tmp_path / "runs" / "whole" / "audit.json").read_text())
+    assert 0.0 <= result["attack_auc_ci95"][0] <= result["attack_auc"] <= result["attack_auc_ci95"][1] <= 1.0
+    assert result["n_members"] == result["n_non_members"] > 0
+    assert f"attack ROC-AUC {result['attack_auc']:.3f}" in audit.stdout
+    bad = subprocess.run([sys.executable, str(ROOT / "sim" / "audit.py"), str(tmp_path / "nothing")], env=env,
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert bad.returncode == 2 and "no config.json" in bad.stderr

@@ -92,7 +92,8 @@ def make_plan(scans: list[ScanInfo], n_sites: int, partition: str, *, seed: int 
     test = [s.seriesuid for s in scans if s.subset in test_subsets]
     pool = [s for s in scans if s.subset not in test_subsets]
     if not test:
-        raise ValueError(f"no scans in the test subset(s) {list(test_subsets)}; choose --test-subsets that exist")
+        raise ValueError(f"no scans in the test subset(s) {list(test_subsets)}; choose --test-subsets that exist "
+                         "(a hospital checking its own folder needs no test split: sim/prepare.py --site NAME)")
     if len(pool) < n_sites:
         raise ValueError(f"{len(pool)} training scans cannot make {n_sites} sites; "
                          "lower --clients or add scans (--synthetic-scans)")

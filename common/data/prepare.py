@@ -10,8 +10,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from common.config import RunConfig, default_home
 from common.data.cache import PatchCache, build_cache
 from common.data.luna16 import Luna16, load_luna16
@@ -55,9 +53,6 @@ class Prepared:
     cache: PatchCache
     infos: list[ScanInfo]
     plan: SitePlan
-
-    def positions(self, scans: list[str]) -> np.ndarray:
-        return self.cache.rows_of(scans)
 
 
 def prepare(cfg: RunConfig, progress: bool = True) -> Prepared:

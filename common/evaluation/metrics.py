@@ -8,6 +8,7 @@ candidates of one patient are not independent.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
@@ -16,13 +17,16 @@ METRICS = ("loss", "accuracy", "balanced_accuracy", "precision", "recall", "spec
            "pr_auc")
 
 
-def bce(labels: np.ndarray, logits: np.ndarray) -> float:
-    """Mean binary cross-entropy from logits (numerically stable)."""
+def bce_terms(labels: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """Each example's binary cross-entropy from its logit (numerically stable)."""
     y = np.asarray(labels, dtype=np.float64)
     z = np.asarray(logits, dtype=np.float64)
-    if len(y) == 0:
-        return math.nan
-    return float(np.mean(np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))))
+    return np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))
+
+
+def bce(labels: np.ndarray, logits: np.ndarray) -> float:
+    """Mean binary cross-entropy from logits."""
+    return float(np.mean(bce_terms(labels, logits))) if len(labels) else math.nan
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:
@@ -69,15 +73,26 @@ def bootstrap_ci(labels: np.ndarray, logits: np.ndarray, groups: np.ndarray, *, 
                  seed: int = 0, names: tuple[str, ...] = METRICS, level: float = 0.95
                  ) -> dict[str, tuple[float, float]]:
     """Percentile CIs of ``names`` by resampling groups (patients) with replacement."""
-    y, z, g = np.asarray(labels), np.asarray(logits), np.asarray(groups)
-    uniq, inv = np.unique(g, return_inverse=True)
+    y, z = np.asarray(labels), np.asarray(logits)
+    return bootstrap(lambda idx: binary_metrics(y[idx], z[idx]), groups, names, n_boot=n_boot, seed=seed,
+                     level=level)
+
+
+def bootstrap(statistic: Callable[[np.ndarray], Mapping[str, float]], groups: np.ndarray, names: Sequence[str], *,
+              n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, tuple[float, float]]:
+    """Percentile CIs of ``statistic(indices)[name]`` over resamples of whole groups.
+
+    ``groups`` holds each example's group (a patient, or ``np.arange(n)`` for examples);
+    every resample draws as many groups as there are, with replacement, and passes the
+    indices of their examples. Undefined values (NaN, e.g. an AUC of one class) are left out.
+    """
+    uniq, inv = np.unique(np.asarray(groups), return_inverse=True)
     members = [np.flatnonzero(inv == k) for k in range(len(uniq))]
     rng = np.random.default_rng(seed)
     samples: dict[str, list[float]] = {n: [] for n in names}
     for _ in range(n_boot):
         pick = rng.integers(0, len(uniq), len(uniq))
-        idx = np.concatenate([members[k] for k in pick])
-        m = binary_metrics(y[idx], z[idx])
+        m = statistic(np.concatenate([members[k] for k in pick]))
         for n in names:
             samples[n].append(m[n])
     lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100

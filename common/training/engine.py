@@ -76,7 +76,6 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     model.train()
     criterion = criterion or nn.BCEWithLogitsLoss()
     total_loss, seen, t0 = 0.0, 0, time.perf_counter()
-    data_time = 0.0
     channels_last = amp_active(device, amp)
     bar = None
     if progress:
@@ -84,9 +83,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
 
         bar = tqdm(total=len(loader), desc=log_prefix.strip() or "train", unit="batch", leave=False,
                    dynamic_ncols=True, disable=None)  # None: off when not a terminal (logs, CI)
-    t_data = time.perf_counter()
     for step, (x, y) in enumerate(loader):
-        data_time += time.perf_counter() - t_data
         if deadline is not None and time.time() > deadline:
             raise DeadlineExceeded(f"{log_prefix}local training passed the round deadline after {step} steps")
         if len(y) == 0:  # Poisson sampling (DP) can draw an empty batch
@@ -112,12 +109,11 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{total_loss / seen:.4f}")
-        t_data = time.perf_counter()
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - t0
     return {"loss": total_loss / max(seen, 1), "examples": float(seen), "seconds": seconds,
-            "images_per_s": seen / max(seconds, 1e-9), "data_seconds": data_time}
+            "images_per_s": seen / max(seconds, 1e-9)}
 
 
 @torch.no_grad()
