@@ -10,7 +10,6 @@ non-nodules. An AUC near 0.5 means the model's losses leak little about membersh
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -18,14 +17,11 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from common.atomic import atomic_write_json
-from common.config import RunConfig
 from common.data.cache import open_cache
 from common.data.loaders import eval_loader
-from common.data.partition import SitePlan
 from common.evaluation.metrics import bce_terms, bootstrap
-from common.training import model as model_lib
 from common.training.engine import predict
+from experiment.results import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +33,11 @@ def tpr_at_fpr(y: np.ndarray, score: np.ndarray, fpr_target: float = 0.01) -> fl
 
 def membership_audit(run_dir: Path | str, max_per_group: int = 1000, seed: int = 0, n_boot: int = 500) -> dict:
     """Run the attack on ``run_dir``'s final model; writes and returns ``audit.json``'s content."""
-    run = Path(run_dir)
-    for name in ("config.json", "sites.json", "model_final.pt"):
-        if not (run / name).exists():
-            raise ValueError(f"{run}: no {name}; is it a finished simulation results folder?")
-    meta = json.loads((run / "config.json").read_text())
-    cfg = RunConfig.from_dict(meta["config"])
-    cache = open_cache(Path(meta["cache"]))
-    plan = SitePlan.load(run / "sites.json")
-    model = model_lib.build_model(cfg.arch, cfg.norm)
-    model.load_state_dict(torch.load(run / "model_final.pt", map_location="cpu", weights_only=True)["model"])
+    rd = RunDir.open(run_dir, needs=("sites.json", "model_final.pt"))
+    cfg = rd.config()
+    cache = open_cache(Path(rd.saved_entry("cache")))
+    plan = rd.plan()
+    model = rd.final_model(cfg)
     members = cache.rows_of([u for s in plan.sites for u in s.train])
     outsiders = cache.rows_of(plan.test)
     rng = np.random.default_rng(seed)
@@ -78,5 +69,5 @@ def membership_audit(run_dir: Path | str, max_per_group: int = 1000, seed: int =
         "mean_loss_non_members": float(loss[is_member == 0].mean()),
         "dp": cfg.dp, "dp_epsilon_target": cfg.dp_epsilon or None,
     }
-    atomic_write_json(run / "audit.json", result)
+    rd.write_json("audit.json", result)
     return result

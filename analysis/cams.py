@@ -66,7 +66,8 @@ from common.data.luna16 import DataError, Nodule, load_luna16, read_scan
 from common.data.patches import PLANES, PatchSpec, extract
 from common.evaluation.metrics import sigmoid
 from common.training.engine import predict
-from common.training.model import build_model, resolve_device, strip_prefixes
+from common.training.model import build_model, resolve_device
+from experiment.results import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -291,40 +292,23 @@ class LoadedRun:
 def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
     """Open a finished results folder: ``config.json``, ``model_final.pt``, ``sites.json``, the
     patch cache and the data set it names. ValueError names the file or entry at fault."""
-    path = Path(run_dir)
-    if not path.is_dir():
-        raise ValueError(f"RUN_DIR {path}: no such folder")
-    for name in ("config.json", "model_final.pt", "sites.json"):
-        if not (path / name).is_file():
-            hint = " (the run has not finished; explain a run after its last round)" if name == "model_final.pt" else ""
-            raise ValueError(f"RUN_DIR {path}: no {name}{hint}")
-    saved = json.loads((path / "config.json").read_text())
-    cfg = RunConfig.from_dict(saved["config"])
-    for key in ("cache", "data_root"):
-        if not saved.get(key):
-            raise ValueError(f"{path / 'config.json'}: no {key!r} entry (was the run made without data, "
-                             "e.g. a deployment server without --data?)")
-    model = build_model(cfg.arch, cfg.norm)
-    model_file = path / "model_final.pt"
+    run = RunDir.open(run_dir, needs=("model_final.pt", "sites.json"))
+    path = run.path
+    cfg = run.config()
+    cache_path, data_root = Path(run.saved_entry("cache")), Path(run.saved_entry("data_root"))
+    model = run.final_model(cfg)
     try:
-        obj = torch.load(model_file, map_location="cpu", weights_only=True)
-        model.load_state_dict(strip_prefixes(obj["model"]))
-    except Exception as exc:  # noqa: BLE001 - any unreadable or mismatching file gets the same clear message
-        raise ValueError(f"{model_file}: cannot be loaded into {cfg.arch} (norm={cfg.norm}) from "
-                         f"config.json: {exc}") from None
-    try:
-        cache = open_cache(Path(saved["cache"]))
+        cache = open_cache(cache_path)
     except DataError as exc:
         raise ValueError(f"{path / 'config.json'}: its patch cache cannot be opened ({exc}); rebuild it with "
                          "sim/prepare.py and the run's settings") from None
     if cache.spec.size != cfg.image_size or cache.spec.fov_mm != cfg.fov_mm:
         raise ValueError(f"{path / 'config.json'}: cache {cache.path} has {cache.spec}, the run "
                          f"--image-size {cfg.image_size} --fov-mm {cfg.fov_mm}")
-    test = json.loads((path / "sites.json").read_text()).get("test") or []
+    test = run.plan().test
     positions = cache.rows_of(test)
     if not len(positions):
         raise ValueError(f"{path / 'sites.json'}: its test split has no patches in {cache.path}")
-    data_root = Path(saved["data_root"])
     try:
         luna = load_luna16(data_root)
     except DataError as exc:

@@ -48,8 +48,8 @@ def learning_curves(runs: Mapping[str, Sequence[dict]], path: Path, note: str = 
     _save(fig, path)
 
 
-def roc_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: Path) -> None:
-    """One ROC curve per run; ``curves`` maps a label to (labels, logits)."""
+def roc_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: Path) -> list[str]:
+    """One ROC curve per run; ``curves`` maps a label to (labels, logits). Returns the legend's lines."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
     Figure = _figure()
@@ -64,6 +64,7 @@ def roc_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: Path) 
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
     ax.set_xlabel("false positive rate (1 - specificity)")
     ax.set_ylabel("true positive rate (sensitivity)")
-    ax.legend(fontsize=8, loc="lower right")
+    legend = ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
     _save(fig, path)
+    return [t.get_text() for t in legend.get_texts()]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -44,14 +43,10 @@ class Run:
 
     @classmethod
     def load(cls, label: str, path: Path | str) -> Run:
-        path = Path(path)
-        if not (path / "summary.json").exists():
-            raise ValueError(f"{path}: no summary.json; is the run finished?")
-        rd = RunDir(path)
-        preds = rd.load_predictions() if (path / "test_predictions.npz").exists() else None
-        audit = json.loads((path / "audit.json").read_text()) if (path / "audit.json").exists() else None
-        return cls(label, path, json.loads((path / "config.json").read_text())["config"],
-                   json.loads((path / "summary.json").read_text()), rd.rounds(), rd.events(), preds, audit)
+        rd = RunDir.open(path, "run", needs=("summary.json",))
+        preds = rd.load_predictions() if (rd.path / "test_predictions.npz").exists() else None
+        return cls(label, rd.path, rd.saved()["config"], rd.summary(), rd.rounds(), rd.events(), preds,
+                   rd.optional_json("audit.json"))
 
     @property
     def federated(self) -> bool:

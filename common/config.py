@@ -181,8 +181,9 @@ class RunConfig:
         if self.dp == "local" and self.strategy == "fedprox":
             problems.append("--dp local with --strategy fedprox is not supported (Opacus' fast clipping wraps the "
                             "loss; choose fedavg or an adaptive server optimizer)")
-        if self.dp == "central" and self.strategy in ("fedmedian", "krum", "fedtrimmedavg"):
-            problems.append(f"--dp central wraps a mean-based strategy; {self.strategy} is not one")
+        if self.dp == "central" and self.strategy not in ("fedavg", "fedprox"):
+            problems.append(f"--dp central accounts FedAvg's mean (Flower's accountant): choose --strategy fedavg "
+                            f"or fedprox, not {self.strategy}")
         try:
             self.injections()
         except ValueError as exc:

@@ -64,11 +64,67 @@ class RunDir:
 
     @classmethod
     def open_for_resume(cls, path: Path | str) -> tuple[RunDir, RunConfig]:
+        run = cls.open(path, "--resume")
+        return run, run.config()
+
+    # ---- reading: the one reader of a results folder (resume, report, CAMs, audit) ----
+    @classmethod
+    def open(cls, path: Path | str, what: str = "RUN_DIR", *, needs: tuple[str, ...] = ()) -> RunDir:
+        """An existing results folder holding ``config.json`` and every file in ``needs``;
+        ValueError names the folder (as ``what``, the option that gave it) and the file missing."""
         run = cls(path)
-        if not run.config_path.exists():
-            raise ValueError(f"--resume {path}: no config.json there; is it a results folder?")
-        saved = json.loads(run.config_path.read_text())["config"]
-        return run, RunConfig.from_dict(saved)
+        if not run.path.is_dir():
+            raise ValueError(f"{what} {run.path}: no such folder")
+        for name in ("config.json", *needs):
+            if not (run.path / name).is_file():
+                hint = {"config.json": "; is it a results folder?",
+                        "model_final.pt": " (the run has not finished)",
+                        "summary.json": " (the run has not finished)"}.get(name, "")
+                raise ValueError(f"{what} {run.path}: no {name}{hint}")
+        return run
+
+    def saved(self) -> dict[str, Any]:
+        """``config.json`` as written at the start (config, versions, data root, cache)."""
+        return json.loads(self.config_path.read_text())
+
+    def config(self) -> RunConfig:
+        return RunConfig.from_dict(self.saved()["config"])
+
+    def summary(self) -> dict[str, Any]:
+        return json.loads((self.path / "summary.json").read_text())
+
+    def optional_json(self, name: str) -> dict[str, Any] | None:
+        """A JSON file written by a later command (``audit.json``, ``cam.json``), or None."""
+        path = self.path / name
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def plan(self):
+        """The site plan (``sites.json``): every site's patients and the test split."""
+        from common.data.partition import SitePlan
+
+        return SitePlan.load(self.path / "sites.json")
+
+    def saved_entry(self, key: str) -> Any:
+        """An entry of ``config.json`` a reader needs (``cache``, ``data_root``), or a clear error."""
+        value = self.saved().get(key)
+        if not value:
+            raise ValueError(f"{self.config_path}: no {key!r} entry (was the run made without data, "
+                             "e.g. a deployment server without --data?)")
+        return value
+
+    def final_model(self, cfg: RunConfig | None = None) -> torch.nn.Module:
+        """The final global model, built from the run's own settings."""
+        from common.training.model import build_model, strip_prefixes
+
+        cfg = cfg or self.config()
+        model = build_model(cfg.arch, cfg.norm)
+        path = self.path / "model_final.pt"
+        try:
+            model.load_state_dict(strip_prefixes(torch.load(path, map_location="cpu", weights_only=True)["model"]))
+        except Exception as exc:  # noqa: BLE001 - any unreadable or mismatching file gets the same clear message
+            raise ValueError(f"{path}: cannot be loaded into {cfg.arch} (norm={cfg.norm}) from "
+                             f"config.json: {exc}") from None
+        return model
 
     @staticmethod
     def check_same(saved: RunConfig, new: RunConfig) -> None:

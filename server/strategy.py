@@ -128,10 +128,13 @@ def make_strategy(cfg: RunConfig, n_sites: int) -> Strategy:
                   weighted_by_key="unit-weight" if cfg.dp == "central" else "num-examples")
     name = cfg.strategy
     strategy: Strategy
+    # Flower's central-DP accountant accepts only FedAvg's own aggregate_train (it checks the
+    # class), so under --dp central the mean is Flower's, not our in-place one (same numbers).
+    central = cfg.dp == "central"
     if name == "fedavg":
-        strategy = _FedAvg(**common)
+        strategy = FedAvg(**common) if central else _FedAvg(**common)
     elif name == "fedprox":
-        strategy = _FedProx(**common, proximal_mu=cfg.proximal_mu)
+        strategy = (FedProx if central else _FedProx)(**common, proximal_mu=cfg.proximal_mu)
     elif name == "fedadam":
         strategy = FedAdam(**common, eta=cfg.server_lr, eta_l=cfg.lr)
     elif name == "fedyogi":

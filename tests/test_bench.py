@@ -18,7 +18,8 @@ def test_bench_quick_writes_every_field(tmp_path):
     r = json.loads(out.read_text())
     t = r["throughput"]
     assert t["clientapp_images_per_s"] > 0 and t["plain_loop_images_per_s"] > 0
-    assert t["ratio"] == t["clientapp_images_per_s"] / t["plain_loop_images_per_s"]
+    # the same model on the same examples: the ClientApp's step is neither far slower nor faster
+    assert 0.2 < t["ratio"] < 5 and f"{t['ratio']:.3f}" in proc.stdout
     assert [o["label"] for o in r["overhead"]] == ["demo workload", "3 sites"]
     for o in r["overhead"]:
         assert 0 <= o["overhead_mean"] < 1 and o["memory"]["peak_pss_gib"] > 0.1
@@ -35,7 +36,7 @@ def test_bench_quick_writes_every_field(tmp_path):
     for which in ("all", "norms+head"):
         v = s[which]
         assert 0 < v["signal"] <= s["clip"] + 1e-6 and 0 <= v["share_clipped"] <= 1
-        assert v["snr_step"] == v["signal"] / v["noise"]
+        assert 0 < v["snr_step"] < v["snr_run"]  # a run of many steps can add up more than one step
     assert s["norms+head"]["weights_trained"] < s["all"]["weights_trained"]
     assert s["norms+head"]["noise"] < s["all"]["noise"]  # noise grows with the weights trained
     c = r["cache"]

@@ -102,8 +102,9 @@ def test_roc_plot_of_a_model_with_non_finite_outputs_says_so_instead_of_failing(
     from analysis.plots import roc_curves
 
     y = np.array([0, 1, 0, 1, 0], dtype=np.float32)
-    roc_curves({"poisoned": (y, np.full(5, np.nan, dtype=np.float32)),
-                "fine": (y, np.array([0.1, 0.9, 0.2, 0.7, 0.3], dtype=np.float32))}, tmp_path / "roc.png")
+    legend = roc_curves({"poisoned": (y, np.full(5, np.nan, dtype=np.float32)),
+                         "fine": (y, np.array([0.1, 0.9, 0.2, 0.7, 0.3], dtype=np.float32))}, tmp_path / "roc.png")
+    assert legend == ["poisoned: no curve, the model gives non-finite outputs", "fine (AUC 1.000)"]
     assert (tmp_path / "roc.png").stat().st_size > 1000
 
 

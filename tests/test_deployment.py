@@ -178,8 +178,14 @@ def test_images_start_through_the_entrypoint_as_a_non_root_user():
     pins = dict(re.match(r"([\w-]+)(?:\[.*\])?==([\w.]+)", d).groups()
                 for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"])
     assert f"torch=={pins['torch']} torchvision=={pins['torchvision']}" in text
-    ignore = (DOCKER / "Dockerfile.dockerignore").read_text().split()
-    assert ignore[ignore.index("**") - 0] == "**" and "**/*.key" in ignore  # an allowlist; keys never sent
+    ignore = [line.strip() for line in (DOCKER / "Dockerfile.dockerignore").read_text().splitlines()
+              if line.strip() and not line.startswith("#")]
+    # an allowlist: everything excluded first, then only code let back in; keys never sent
+    assert ignore[0] == "**" and "**/*.key" in ignore and "**/*.pem" in ignore
+    allowed = {p[1:] for p in ignore if p.startswith("!")}
+    assert allowed and all(p.endswith(".py") or p.endswith("/**") or p in ("pyproject.toml", "README.md")
+                           for p in allowed), allowed
+    assert not {"tests/**", "data/**", "runs/**"} & allowed
 
 
 def compose() -> dict:

@@ -207,4 +207,4 @@ def test_central_dp_accounts_each_round_resumes_its_accountant_and_the_run_can_b
     assert f"attack ROC-AUC {result['attack_auc']:.3f}" in audit.stdout
     bad = subprocess.run([sys.executable, str(ROOT / "sim" / "audit.py"), str(tmp_path / "nothing")], env=env,
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert bad.returncode == 2 and "no config.json" in bad.stderr
+    assert bad.returncode == 2 and "no such folder" in bad.stderr
