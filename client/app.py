@@ -24,7 +24,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict  #
 from flwr.clientapp import ClientApp  # noqa: E402
 
 from common import __version__  # noqa: E402
-from common.config import RunConfig  # noqa: E402
+from common.config import PINNABLE, RunConfig  # noqa: E402
 from common.training import model as model_lib  # noqa: E402
 from common.training import wire  # noqa: E402
 from common.training.memory import release_freed_memory  # noqa: E402
@@ -96,7 +96,7 @@ def hello(msg: Message, context: Context) -> Message:
     model = model_lib.build_model(cfg.arch, cfg.norm)
     node = context.node_config
     # A site may pin settings its hospital requires; the server refuses to start on a mismatch.
-    pinned = {k: str(node[k]) for k in ("image-size", "dp", "arch", "norm") if k in node}
+    pinned = {k: str(node[k]) for k in PINNABLE if k in node}
     info = ConfigRecord({
         "site": data.name,
         "skipped-scans": json.dumps(data.skipped),

@@ -25,6 +25,9 @@ DP_MODES = ("off", "local", "central")
 MODES = ("federated", "centralized")
 DEVICES = ("auto", "cpu", "cuda")
 UPDATE_DTYPES = ("float32", "float16", "bfloat16")
+# Settings a hospital may require of every run (node config / LUNAFL_PIN); the handshake refuses
+# a run that differs (client/app.py sends them, server/federation.py compares).
+PINNABLE = ("image-size", "dp", "arch", "norm")
 INJECTIONS = ("nan", "shape", "missing", "inflate", "signflip", "slow", "crash")
 
 

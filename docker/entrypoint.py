@@ -31,7 +31,6 @@ import shlex
 import ssl
 import subprocess
 import sys
-import tempfile
 import time
 import tomllib
 import urllib.request
@@ -66,7 +65,6 @@ SETTINGS: dict[str, tuple[str, str]] = {
                    "run with them)"),
 }
 ROLES = ("superlink", "register", "run", "supernode", "prepare", "health")
-PINNABLE = ("image-size", "dp", "arch", "norm")  # what client/app.py checks at the handshake
 SERVER_OWNED = ("federation", "out", "run-name", "cache-dir", "resume", "data")  # set here, not by LUNAFL_RUN_CONFIG
 CONNECTION = "luna"  # the SuperLink connection name in $FLWR_HOME/config.toml
 # Flower's own key=value syntax (flwr.common.config.parse_config_args)
@@ -142,6 +140,8 @@ def node_config(s: Settings) -> str:
                               "or backslashes")
     items = [f'{k}="{v}"' for k, v in pairs.items()]
     for key, value in key_values("LUNAFL_PIN", s["LUNAFL_PIN"]):
+        from common.config import PINNABLE  # the settings a hospital may require (the handshake checks them)
+
         if key not in PINNABLE:
             raise DeployError(f"LUNAFL_PIN: {key!r} cannot be pinned; choose from {', '.join(PINNABLE)}")
         items.append(f"{key}={value}")
@@ -283,23 +283,11 @@ def flower_environment(role: str, s: Settings, env: dict[str, str]) -> dict[str,
     return out
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_flwr_config(s: Settings, env: Mapping[str, str], demo_insecure: bool) -> Path:
+    from common.atomic import atomic_write_text
+
     path = Path(env["FLWR_HOME"]) / "config.toml"
-    _write_atomic(path, flwr_config_toml(s, demo_insecure))
+    atomic_write_text(path, flwr_config_toml(s, demo_insecure))
     return path
 
 
