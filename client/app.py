@@ -77,9 +77,9 @@ def _arrays_in(msg: Message, cfg: RunConfig) -> dict:
     return wire.decode(wire.views(msg.content["arrays"]), cfg.update_dtype)
 
 
-def _validation(cfg: RunConfig, data: SiteData, arrays: dict) -> dict:
-    """The global model's metrics on this site's validation patches."""
-    metrics = evaluate_site(cfg, data, arrays)
+def _validation(cfg: RunConfig, data: SiteData, arrays: dict, server_round: int) -> dict:
+    """Round ``server_round``'s global model's metrics on this site's validation patches."""
+    metrics = evaluate_site(cfg, data, arrays, server_round)
     metrics["num-examples"] = float(len(data.val))
     return metrics
 
@@ -120,7 +120,7 @@ def train(msg: Message, context: Context) -> Message:
     content, val_seconds = {}, 0.0
     if int(rec.get("evaluate-first", 0)):  # --site-eval fused: the previous round's global model
         t_val = time.perf_counter()
-        content["val"] = ConfigRecord(_validation(cfg, data, incoming))
+        content["val"] = ConfigRecord(_validation(cfg, data, incoming, server_round - 1))
         val_seconds = time.perf_counter() - t_val
     arrays, metrics = train_site(cfg, data, incoming, server_round, deadline=deadline)
     metrics["val-seconds"] = val_seconds
@@ -141,7 +141,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     cfg, rec = _config(msg)
     data = site_data(cfg, rec, context)
-    metrics = _validation(cfg, data, _arrays_in(msg, cfg))
+    metrics = _validation(cfg, data, _arrays_in(msg, cfg), int(rec.get("server-round", 0)))
     metrics["unit-weight"] = 1.0
     release_freed_memory()
     return _reply(msg, {"metrics": MetricRecord(metrics), "site": ConfigRecord({"site": data.name})})

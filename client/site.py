@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from common.atomic import atomic_write
 from common.config import RunConfig
 from common.data.cache import PatchCache, open_cache
 from common.data.loaders import epoch_size, eval_loader, train_loader
@@ -106,6 +107,59 @@ def simulated_site(cfg: RunConfig, partition_id: int, plan_path: str, cache_path
                     Path(state_path) if state_path else None)
 
 
+class SiteState:
+    """What a site keeps from one of its rounds to the next, in its state folder:
+    Adam's moments (``--site-optimizer kept``) and its own normalisation layers (``--fedbn``).
+
+    One file per round (``<site>.round-NNNN.pt``, written atomically); round r reads the
+    newest one of an earlier round, and the previous one is kept beside the newest. So a
+    run killed at any moment and resumed at round r reads what round r of an uninterrupted
+    run read, even when this site had already saved round r before the kill.
+    """
+
+    def __init__(self, folder: Path, site: str) -> None:
+        self.folder = folder
+        self.site = site
+
+    def _saved(self) -> list[tuple[int, Path]]:
+        out = []
+        for p in self.folder.glob(f"{self.site}.round-*.pt"):
+            try:
+                out.append((int(p.name[len(self.site) + len(".round-"):-len(".pt")]), p))
+            except ValueError:
+                continue
+        return sorted(out)
+
+    def load_before(self, server_round: int) -> dict | None:
+        """The state saved by this site's newest round before ``server_round`` (None: none yet)."""
+        earlier = [p for r, p in self._saved() if r < server_round]
+        if not earlier:
+            return None
+        try:
+            return torch.load(earlier[-1], map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - a damaged file is named, never silently replaced
+            raise SiteError(f"[site {self.site}] cannot read its saved state {earlier[-1]}: {exc}") from None
+
+    def save(self, server_round: int, state: dict) -> None:
+        path = self.folder / f"{self.site}.round-{server_round:04d}.pt"
+        atomic_write(path, lambda fh: torch.save(state, fh), binary=True)
+        saved = self._saved()
+        keep = {server_round, max((r for r, _ in saved if r < server_round), default=-1)}
+        for r, p in saved:
+            if r not in keep:
+                p.unlink(missing_ok=True)
+
+
+def site_state(cfg: RunConfig, data: SiteData) -> SiteState | None:
+    """The site's state store when a setting needs one (``--site-optimizer kept``, ``--fedbn``)."""
+    if cfg.site_optimizer != "kept" and not cfg.fedbn:
+        return None
+    if data.state_dir is None:
+        raise SiteError(f"[site {data.name}] --site-optimizer kept and --fedbn need a state folder "
+                        "(deployment: node config state-path)")
+    return SiteState(data.state_dir, data.name)
+
+
 def site_seed(cfg: RunConfig, site: str, server_round: int, salt: int = 0) -> int:
     """A seed for this site and round that does not depend on which process runs it."""
     digest = hashlib.sha256(f"{cfg.seed}:{site}:{server_round}:{salt}".encode()).digest()
@@ -126,10 +180,16 @@ def train_site(cfg: RunConfig, data: SiteData, arrays: dict[str, np.ndarray], se
     seed = site_seed(cfg, data.name, server_round)
     model = WARM.model(cfg, device)
     model_lib.set_arrays(model, arrays)
+    store = site_state(cfg, data)
+    saved = store.load_before(server_round) if store is not None else None
+    if cfg.fedbn and saved is not None:  # this site's own normalisation layers replace the average
+        model_lib.set_arrays(model, {k: v.numpy() for k, v in saved["norms"].items()})
     # Seed after the (possibly first) model build, which draws from the same generator:
     # Opacus' Poisson sampler uses it, and a warm and a fresh process must draw alike.
     torch.manual_seed(seed)
     optimizer = model_lib.make_optimizer(model, cfg)
+    if cfg.site_optimizer == "kept" and saved is not None:
+        optimizer.load_state_dict(saved["optimizer"])
     extra = proximal_term(model, cfg.proximal_mu) if cfg.strategy == "fedprox" else None
     prefix = f"[site {data.name}] [round {server_round}] "
 
@@ -145,6 +205,7 @@ def train_site(cfg: RunConfig, data: SiteData, arrays: dict[str, np.ndarray], se
     train_model, criterion = model, None
     try:
         for epoch in range(cfg.local_epochs):
+            model_lib.set_lr(optimizer, model_lib.lr_at(cfg, (server_round - 1) * cfg.local_epochs + epoch))
             epoch_loader = loader(epoch)
             if dp is not None and epoch == 0:
                 train_model, optimizer, criterion, epoch_loader = dp.attach(model, optimizer, epoch_loader, seed)
@@ -168,6 +229,16 @@ def train_site(cfg: RunConfig, data: SiteData, arrays: dict[str, np.ndarray], se
         metrics.update({"dp-epsilon": privacy["epsilon"], "dp-delta": privacy["delta"],
                         "dp-noise": privacy["noise_multiplier"], "dp-steps": float(privacy["steps"]),
                         "dp-sample-rate": privacy["sample_rate"]})
+    if store is not None:  # after the clock stops: saving is the federation's cost, not training
+        t_save = time.perf_counter()
+        state: dict = {}
+        if cfg.site_optimizer == "kept":
+            state["optimizer"] = optimizer.state_dict()
+        if cfg.fedbn:
+            own = model.state_dict()
+            state["norms"] = {k: own[k].detach().cpu().clone() for k in model_lib.norm_keys(model)}
+        store.save(server_round, state)
+        metrics["state-seconds"] = time.perf_counter() - t_save
     return model_lib.get_arrays(model, copy=False), metrics
 
 
@@ -181,9 +252,16 @@ def local_dp(cfg: RunConfig, data: SiteData, batches_per_epoch: int) -> LocalDP:
                    ledger_path=data.state_dir / f"{data.name}.privacy.json")
 
 
-def evaluate_site(cfg: RunConfig, data: SiteData, arrays: dict[str, np.ndarray]) -> dict[str, float]:
+def evaluate_site(cfg: RunConfig, data: SiteData, arrays: dict[str, np.ndarray], server_round: int = 0
+                  ) -> dict[str, float]:
+    """The model of round ``server_round`` on this site's validation patches; with
+    ``--fedbn`` through the site's own normalisation layers of that round."""
     device = model_lib.resolve_device(cfg.device)
     model = WARM.model(cfg, device)
     model_lib.set_arrays(model, arrays)
+    store = site_state(cfg, data) if cfg.fedbn else None
+    saved = store.load_before(server_round + 1) if store is not None else None
+    if saved is not None:
+        model_lib.set_arrays(model, {k: v.numpy() for k, v in saved["norms"].items()})
     metrics, _, _ = evaluate(model, eval_loader(data.cache, data.val), device, cfg.amp)
     return metrics

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
+STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
 PARTITIONS = ("subset", "iid", "dirichlet", "scanner")
 ARCHS = ("resnet50", "resnet18", "resnet10")
 DP_MODES = ("off", "local", "central")
@@ -28,6 +28,7 @@ UPDATE_DTYPES = ("float32", "float16", "bfloat16")
 # Settings a hospital may require of every run (node config / LUNAFL_PIN); the handshake refuses
 # a run that differs (client/app.py sends them, server/federation.py compares).
 PINNABLE = ("image-size", "dp", "arch", "norm")
+LR_SCHEDULES = ("constant", "cosine", "step")
 INJECTIONS = ("nan", "shape", "missing", "inflate", "signflip", "slow", "crash")
 
 
@@ -59,6 +60,16 @@ class RunConfig:
                            "shifts and the classifier, ~55 k of 23.5 M: far less DP noise per step)",
                            choices=("all", "norms+head"))
     weight_decay: float = _f(0.0, "weight decay")
+    lr_schedule: str = _f("constant", "learning rate over the whole run, by data pass (the same passes in a "
+                          "federated and a centralized run): constant, cosine (down to 0 at the last pass) or "
+                          "step (x0.1 at 1/2 and again at 3/4 of the passes)", choices=LR_SCHEDULES)
+    warmup_passes: int = _f(0, "data passes of linear learning-rate warm-up before --lr-schedule")
+    site_optimizer: str = _f("fresh", "each site's optimizer state (Adam's moments) at the start of a round: "
+                             "fresh (zero, as Flower's examples do) or kept from the site's previous round (in "
+                             "the site's state folder: site_state/ in simulation, state-path in deployment)",
+                             choices=("fresh", "kept"))
+    fedbn: bool = _f(False, "FedBN: each site keeps its own normalisation layers (weights and running "
+                     "statistics) across rounds; the server's model holds their average")
     neg_ratio: float = _f(3.0, "negatives drawn per positive in each training epoch (fresh each epoch)")
     augment: bool = _f(True, "training-only flips, 90-degree rotations and small shifts")
     # --- model --------------------------------------------------------------------
@@ -98,7 +109,9 @@ class RunConfig:
                         "(Flower's evaluate phase after every round)", choices=("fused", "separate"))
     min_fit_clients: int = _f(0, "fewest valid updates a round needs (0 = half the sampled sites, at least 1)")
     proximal_mu: float = _f(0.01, "FedProx proximal term weight")
-    server_lr: float = _f(0.01, "server learning rate of fedadam / fedyogi")
+    server_lr: float = _f(0.0, "server learning rate of fedavgm / fedadam / fedyogi (0 = the usual value: 1.0 "
+                          "for fedavgm, 0.01 for fedadam and fedyogi)")
+    server_momentum: float = _f(0.9, "server momentum of fedavgm")
     trim_beta: float = _f(0.2, "fraction trimmed at each end by fedtrimmedavg")
     krum_malicious: int = _f(1, "number of malicious sites krum tolerates")
     round_timeout: float = _f(3600.0, "seconds a round waits for replies; late sites are left out")
@@ -147,6 +160,16 @@ class RunConfig:
             problems.append(f"--lr must be > 0, got {self.lr}")
         if not 0.0 <= self.momentum < 1.0:
             problems.append(f"--momentum must be in [0, 1), got {self.momentum}")
+        if self.server_lr < 0:
+            problems.append(f"--server-lr must be >= 0 (0 = the strategy's usual value), got {self.server_lr}")
+        if not 0.0 <= self.server_momentum < 1.0:
+            problems.append(f"--server-momentum must be in [0, 1), got {self.server_momentum}")
+        if not 0 <= self.warmup_passes < self.rounds * self.local_epochs:
+            problems.append(f"--warmup-passes must be in [0, rounds x local-epochs = "
+                            f"{self.rounds * self.local_epochs}), got {self.warmup_passes}")
+        if self.dp == "local" and (self.site_optimizer == "kept" or self.fedbn):
+            problems.append("--dp local with --site-optimizer kept or --fedbn is not supported (Opacus rebuilds "
+                            "the optimizer each round, and GroupNorm has no statistics to keep)")
         if not self.hu_min < self.hu_max:
             problems.append(f"--hu-min ({self.hu_min}) must be below --hu-max ({self.hu_max})")
         if not self.fov_mm > 0:
@@ -156,11 +179,11 @@ class RunConfig:
                 problems.append(f"--{_kebab(name)} must be in (0, 1], got {getattr(self, name)}")
         if not 0.0 <= self.fail_prob < 1.0:
             problems.append(f"--fail-prob must be in [0, 1), got {self.fail_prob}")
-        at_least_zero = ("dp_epsilon", "dp_noise", "weight_decay", "proximal_mu", "gpus_per_client",
+        at_least_zero = ("server_lr", "dp_epsilon", "dp_noise", "weight_decay", "proximal_mu", "gpus_per_client",
                          "max_parallel", "min_fit_clients", "krum_malicious", "max_neg_per_scan")
         problems += [f"--{_kebab(n)} must be >= 0, got {getattr(self, n)}"
                      for n in at_least_zero if not getattr(self, n) >= 0]
-        above_zero = ("dp_clip", "server_lr", "round_timeout", "node_timeout", "cpus_per_client")
+        above_zero = ("dp_clip", "round_timeout", "node_timeout", "cpus_per_client")
         problems += [f"--{_kebab(n)} must be > 0, got {getattr(self, n)}"
                      for n in above_zero if not getattr(self, n) > 0]
         if not 0.0 <= self.dp_delta < 1.0:
@@ -233,6 +256,12 @@ class RunConfig:
     def data_passes(self, round_: int) -> int:
         """Passes over each site's (balanced) training data after ``round_`` rounds."""
         return round_ * self.local_epochs
+
+    def server_lr_value(self) -> float:
+        """``--server-lr``, or the chosen strategy's usual value when it is 0."""
+        if self.server_lr > 0:
+            return self.server_lr
+        return 1.0 if self.strategy == "fedavgm" else 0.01
 
     def cache_root(self) -> Path:
         return Path(self.cache_dir) if self.cache_dir else default_home() / "cache"

@@ -62,6 +62,7 @@ def run_centralized(cfg: RunConfig, run: RunDir, prepared: Prepared, checkpoint:
         stats = []
         for e in range(cfg.local_epochs):
             epoch = (rnd - 1) * cfg.local_epochs + e
+            model_lib.set_lr(optimizer, model_lib.lr_at(cfg, epoch))  # the sites' schedule, pass by pass
             loader = train_loader(prepared.cache, positions, batch_size=cfg.batch_size, neg_ratio=cfg.neg_ratio,
                                   augment=cfg.augment, seed=cfg.seed * 100_003 + epoch)
             stats.append(train_one_epoch(model, loader, optimizer, device, amp=cfg.amp, progress=progress,

@@ -33,6 +33,7 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
     FedAdam,
     FedAvg,
+    FedAvgM,
     FedMedian,
     FedProx,
     FedTrimmedAvg,
@@ -112,6 +113,46 @@ class _FedProx(_InPlaceMean, FedProx):
     pass
 
 
+STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+class _AveragedStatistics:
+    """A server optimiser (FedAvgM, FedAdam, FedYogi) steps the weights; BatchNorm's running
+    statistics are estimates, not weights, and stay the sites' plain weighted average:
+    momentum or an adaptive step on a running variance can take it below zero (seen with
+    FedAvg under a sign-flipping attacker: a negative variance makes the model output NaN)."""
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        stats = [RecordDict({**{k: ArrayRecord({n: a for n, a in arr.items() if n.endswith(STATISTICS)})
+                                for k, arr in m.content.array_records.items()},
+                             **dict(m.content.metric_records)}) for m in replies if not m.has_error()]
+        arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        if arrays is None or not stats or not any(len(a) for r in stats for a in r.array_records.values()):
+            return arrays, metrics
+        mean = weighted_average(stats, self.weighted_by_key)  # type: ignore[attr-defined]
+        for k, v in mean.items():
+            arrays[k] = v
+        current = getattr(self, "current_arrays", None)
+        if isinstance(current, ArrayRecord):  # FedAvgM steps from its own copy of the global model
+            for k, v in mean.items():
+                current[k] = v
+        return arrays, metrics
+
+
+class _FedAvgM(_AveragedStatistics, FedAvgM):
+    pass
+
+
+class _FedAdam(_AveragedStatistics, FedAdam):
+    pass
+
+
+class _FedYogi(_AveragedStatistics, FedYogi):
+    pass
+
+
 def quorum(cfg: RunConfig, n_sampled: int) -> int:
     """Fewest valid updates a round needs: --min-fit-clients, else half the sampled sites."""
     return cfg.min_fit_clients or max(1, math.ceil(n_sampled / 2))
@@ -135,10 +176,12 @@ def make_strategy(cfg: RunConfig, n_sites: int) -> Strategy:
         strategy = FedAvg(**common) if central else _FedAvg(**common)
     elif name == "fedprox":
         strategy = (FedProx if central else _FedProx)(**common, proximal_mu=cfg.proximal_mu)
+    elif name == "fedavgm":
+        strategy = _FedAvgM(**common, server_learning_rate=cfg.server_lr_value(), server_momentum=cfg.server_momentum)
     elif name == "fedadam":
-        strategy = FedAdam(**common, eta=cfg.server_lr, eta_l=cfg.lr)
+        strategy = _FedAdam(**common, eta=cfg.server_lr_value(), eta_l=cfg.lr)
     elif name == "fedyogi":
-        strategy = FedYogi(**common, eta=cfg.server_lr, eta_l=cfg.lr)
+        strategy = _FedYogi(**common, eta=cfg.server_lr_value(), eta_l=cfg.lr)
     elif name == "fedmedian":
         strategy = FedMedian(**common)
     elif name == "fedtrimmedavg":
@@ -146,8 +189,8 @@ def make_strategy(cfg: RunConfig, n_sites: int) -> Strategy:
     elif name == "krum":
         strategy = Krum(**common, num_malicious_nodes=cfg.krum_malicious)
     else:  # RunConfig validates names; this guards direct callers
-        raise ValueError(f"strategy {name!r}: choose one of fedavg, fedprox, fedadam, fedyogi, fedmedian, "
-                         "fedtrimmedavg, krum")
+        raise ValueError(f"strategy {name!r}: choose one of fedavg, fedprox, fedavgm, fedadam, fedyogi, "
+                         "fedmedian, fedtrimmedavg, krum")
     if cfg.dp == "central":
         strategy = DifferentialPrivacyServerSideFixedClipping(strategy, cfg.dp_noise, cfg.dp_clip, n_sites,
                                                               accountant=central_accountant(cfg, n_sites))

@@ -43,7 +43,7 @@ from pathlib import Path
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("throughput", "overhead", "wire", "dp", "dpsignal", "cache", "gpu")
+SECTIONS = ("throughput", "overhead", "wire", "dp", "dpsignal", "bnstats", "cache", "gpu")
 
 
 # --------------------------------------------------------------------------------------
@@ -291,6 +291,56 @@ def bench_dp_signal(cfg, n_batches: int) -> dict:
     return out
 
 
+def bench_bn_statistics(run_dir: Path) -> dict:
+    """BatchNorm under averaging: a finished federated run's final model on the test split
+    with its averaged running statistics, against the same weights with statistics
+    re-estimated at every site (a pass over the site's own training patches in train mode,
+    no weight changed) and averaged by examples as the server would: what sites could
+    send instead of the statistics their local training left behind."""
+    import numpy as np
+    import torch
+
+    from common.data import prepare
+    from common.data.loaders import eval_loader
+    from common.evaluation.test_split import TestSplit
+    from common.training import model as model_lib
+    from experiment.results import RunDir
+
+    run, cfg = RunDir.open_for_resume(run_dir)
+    saved = json.loads(run.config_path.read_text())  # the very data and cache the run used
+    cfg = cfg.replace(data=saved["data_root"], cache_dir=str(Path(saved["cache"]).parent))
+    prep = prepare(cfg, progress=False)
+    device = model_lib.resolve_device("cpu")
+    model = model_lib.build_model(cfg.arch, cfg.norm)
+    model.load_state_dict(torch.load(run.path / "model_final.pt", weights_only=True)["model"])
+    test = TestSplit.from_prepared(prep)
+    averaged, _, _ = test.run(model, device)
+    stats: dict[str, np.ndarray] = {}
+    total = 0
+    for site in prep.plan.sites:
+        local = model_lib.build_model(cfg.arch, cfg.norm)
+        local.load_state_dict(model.state_dict())
+        for m in local.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.reset_running_stats()
+                m.momentum = None  # a cumulative average over the pass, not an exponential one
+        local.train()
+        rows = prep.cache.rows_of(site.train)
+        with torch.no_grad():
+            for x, _ in eval_loader(prep.cache, rows, batch_size=64):
+                local(x)
+        own = local.state_dict()
+        for k in own:
+            if k.endswith(("running_mean", "running_var")):
+                stats[k] = stats.get(k, 0) + own[k].numpy() * len(rows)
+        total += len(rows)
+    model_lib.set_arrays(model, {k: v / total for k, v in stats.items()})
+    re_estimated, _, _ = test.run(model, device)
+    keep = ("roc_auc", "cpm", "accuracy", "loss")
+    return {"run": str(run.path), "averaged": {k: averaged[k] for k in keep},
+            "re_estimated_at_sites": {k: re_estimated[k] for k in keep}}
+
+
 def bench_cache(cfg, n_full: int, workdir: Path, train_rate: float | None, full_size: bool = True) -> dict:
     """Build rate on full-size synthetic scans; read rate through the training loader."""
     import numpy as np
@@ -359,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default="", help="scratch folder (default: a temporary one)")
     p.add_argument("--dp-epsilon", type=float, default=8.0, help="target epsilon of the dpsignal section")
     p.add_argument("--weights", default="", help="model file the dpsignal section starts from (default: random)")
+    p.add_argument("--run", default="", help="finished federated run the bnstats section reads")
     args = p.parse_args(argv)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     bad = [s for s in sections if s not in SECTIONS]
@@ -413,6 +464,11 @@ def main(argv: list[str] | None = None) -> int:
         print("DP signal against noise ...", flush=True)
         results["dpsignal"] = bench_dp_signal(base.replace(norm="group", dp="local", dp_epsilon=args.dp_epsilon,
                                                            weights=args.weights), n_batches=2 if quick else 4)
+    if "bnstats" in sections:
+        if not args.run:
+            p.error("--sections bnstats needs --run RUN_DIR (a finished federated run)")
+        print("BatchNorm statistics ...", flush=True)
+        results["bnstats"] = bench_bn_statistics(Path(args.run))
     if "cache" in sections:
         print("cache ...", flush=True)
         rate = results.get("throughput", {}).get("clientapp_images_per_s")
@@ -453,6 +509,11 @@ def report(r: dict) -> str:
         lines.append((f"updates as {dtype}", f"{w['bytes_up_per_site_per_round'] / 2**20:.1f} MiB up + "
                                             f"{w['bytes_down_per_site_per_round'] / 2**20:.1f} MiB down (train + "
                                             f"evaluate) per site per round, final test AUC {w['final_test_auc']:.3f}"))
+    if "bnstats" in r:
+        b = r["bnstats"]
+        for k in ("averaged", "re_estimated_at_sites"):
+            lines.append((f"BatchNorm statistics {k.replace('_', ' ')}",
+                          f"test ROC-AUC {b[k]['roc_auc']:.3f}, CPM {b[k]['cpm']:.3f}, loss {b[k]['loss']:.4f}"))
     if "dp" in r:
         d = r["dp"]
         lines += [("non-DP (GroupNorm) fp32 / AMP", f"{d['nodp_fp32']:.1f} / {d['nodp_amp']:.1f} img/s"),

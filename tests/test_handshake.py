@@ -154,7 +154,7 @@ def test_the_release_is_the_package_version():
 
 def test_settings_out_of_range_are_refused_naming_the_option():
     for bad, name in ((dict(dp_epsilon=-3.0), "--dp-epsilon must be >= 0"), (dict(dp_clip=0.0), "--dp-clip"),
-                      (dict(dp_delta=1.0), "--dp-delta"), (dict(server_lr=0.0), "--server-lr"),
+                      (dict(dp_delta=1.0), "--dp-delta"), (dict(server_lr=-0.1), "--server-lr"),
                       (dict(trim_beta=0.5), "--trim-beta"), (dict(round_timeout=-1.0), "--round-timeout")):
         with pytest.raises(ValueError, match=name):
             RunConfig(**bad)

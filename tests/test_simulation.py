@@ -92,8 +92,11 @@ def test_three_sites_train_and_a_nan_site_is_rejected(tmp_path, tiny_root):
 
 
 @pytest.mark.parametrize("variant", [("--strategy", "fedadam"),
-                                     ("--dp", "local", "--norm", "group", "--dp-epsilon", "6")],
-                         ids=["fedadam-moments", "dp-accountant"])
+                                     ("--dp", "local", "--norm", "group", "--dp-epsilon", "6"),
+                                     ("--strategy", "fedavgm", "--server-momentum", "0.9"),
+                                     ("--lr-schedule", "cosine", "--warmup-passes", "1", "--site-optimizer", "kept",
+                                      "--fedbn")],
+                         ids=["fedadam-moments", "dp-accountant", "fedavgm-momentum", "schedule-site-state"])
 def test_resume_gives_the_same_rounds_as_an_uninterrupted_run(tmp_path, tiny_root, variant):
     common = ("--clients", "2", "--local-epochs", "1", "--rounds", "2", *variant)
     sim(tmp_path, tiny_root, *common, "--run-name", "whole")
@@ -115,6 +118,27 @@ def test_resume_gives_the_same_rounds_as_an_uninterrupted_run(tmp_path, tiny_roo
             lb = json.loads((tmp_path / "runs" / "cut" / "site_state" / f"{site}.privacy.json").read_text())
             assert la["history"] == lb["history"] and la["rounds"] == lb["rounds"] == [1, 2]
         assert rb[2]["dp_epsilon_max"] == pytest.approx(6.0, abs=0.05)
+    if "--site-optimizer" in variant:  # each site read its round-1 state in round 2, in both runs
+        for name in ("whole", "cut"):
+            kept = sorted(p.name for p in (tmp_path / "runs" / name / "site_state").iterdir())
+            assert kept == [f"{s}.round-{r:04d}.pt" for s in ("site-0", "site-1") for r in (1, 2)], kept
+        st = torch.load(tmp_path / "runs" / "cut" / "site_state" / "site-0.round-0002.pt", weights_only=True)
+        assert st["optimizer"]["state"] and "bn1.running_var" in st["norms"]
+        # Adam's step count went on from round 1 instead of restarting at zero
+        steps = {int(v["step"]) for v in st["optimizer"]["state"].values()}
+        st1 = torch.load(tmp_path / "runs" / "cut" / "site_state" / "site-0.round-0001.pt", weights_only=True)
+        assert steps == {2 * int(v["step"]) for v in st1["optimizer"]["state"].values()}
+
+
+def test_fedyogi_runs_end_to_end(tmp_path, tiny_root):
+    sim(tmp_path, tiny_root, "--clients", "2", "--rounds", "2", "--local-epochs", "1", "--strategy", "fedyogi",
+        "--run-name", "y")
+    rs = rows(tmp_path / "runs" / "y" / "rounds.jsonl")
+    assert [r["round"] for r in rs] == [0, 1, 2] and all(r["sites_trained"] == 2 for r in rs[1:])
+    assert all(np.isfinite(r["test_loss"]) for r in rs)
+    final = torch.load(tmp_path / "runs" / "y" / "model_final.pt", weights_only=True)["model"]
+    assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
+    assert all((v > 0).all() for k, v in final.items() if k.endswith("running_var"))  # averaged, not stepped
 
 
 def test_resume_with_a_different_config_is_a_clear_error(tmp_path, tiny_root):

@@ -202,3 +202,65 @@ def test_fused_site_evaluation_is_recorded_for_the_previous_round():
     assert cfg["evaluate-first"] == 0
     assert len(list(sep.configure_evaluate(2, ArrayRecord({k: Array(v) for k, v in GLOBAL.items()}),
                                            ConfigRecord({}), grid))) == 5  # Flower's own phase, every site
+
+
+def _fedavgm_guard(**cfg) -> Guard:
+    c = RunConfig(strategy="fedavgm", clients=2, server_lr=2.0, server_momentum=0.5, **cfg)
+    ref = {"w": np.zeros((2, 3), np.float32), "bn.running_var": np.ones(3, np.float32)}
+    return Guard(make_strategy(c, 2), c, ref, {1: "site-1", 2: "site-2"}, {"site-1": 1000, "site-2": 1000})
+
+
+def _fedavgm_round(g: Guard, rnd: int, current: dict, seeds: tuple[int, int]) -> dict:
+    grid = type("G", (), {"get_node_ids": lambda self: [1, 2]})()
+    g.configure_train(rnd, ArrayRecord({k: Array(v) for k, v in current.items()}), ConfigRecord({}), grid)
+    g._log(rnd).sampled = ["site-1", "site-2"]
+    reps = []
+    for node, s in zip((1, 2), seeds, strict=True):
+        rng = np.random.default_rng(s)
+        reps.append(reply(node, {"w": rng.normal(size=(2, 3)).astype(np.float32),
+                                 "bn.running_var": rng.uniform(0.01, 0.1, 3).astype(np.float32)}, 10 * node))
+    out, _ = g.aggregate_train(rnd, reps)
+    return {k: v.numpy() for k, v in out.items()}
+
+
+def test_fedavgm_steps_with_server_momentum_and_keeps_statistics_averaged():
+    """FedAvgM by hand: v_1 = g_1, v_2 = beta v_1 + g_2, w <- w - lr v (g = w - mean of the
+    sites); running statistics are the sites' plain mean, never stepped (momentum would
+    carry a falling variance below zero)."""
+    g = _fedavgm_guard()
+    w0 = {"w": np.zeros((2, 3), np.float32), "bn.running_var": np.ones(3, np.float32)}
+
+    def mean(seeds):
+        ws = [np.random.default_rng(s) for s in seeds]
+        draws = [(r.normal(size=(2, 3)).astype(np.float32), r.uniform(0.01, 0.1, 3).astype(np.float32)) for r in ws]
+        return (draws[0][0] * (1 / 3) + draws[1][0] * (2 / 3), draws[0][1] * (1 / 3) + draws[1][1] * (2 / 3))
+
+    w1 = _fedavgm_round(g, 1, w0, (1, 2))
+    m1, s1 = mean((1, 2))
+    v1 = w0["w"] - m1
+    np.testing.assert_allclose(w1["w"], w0["w"] - 2.0 * v1, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(w1["bn.running_var"], s1, rtol=1e-6)
+    w2 = _fedavgm_round(g, 2, w1, (3, 4))
+    m2, s2 = mean((3, 4))
+    v2 = 0.5 * v1 + (w1["w"] - m2)
+    np.testing.assert_allclose(w2["w"], w1["w"] - 2.0 * v2, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(w2["bn.running_var"], s2, rtol=1e-6)
+    assert (w2["bn.running_var"] > 0).all()
+
+
+def test_fedavgm_momentum_survives_export_and_import():
+    """A checkpoint after round 1 (export_state) restored into a fresh strategy gives round 2
+    bit for bit, momentum included; without it round 2 would be plain FedAvg's first step."""
+    w0 = {"w": np.zeros((2, 3), np.float32), "bn.running_var": np.ones(3, np.float32)}
+    whole = _fedavgm_guard()
+    w1 = _fedavgm_round(whole, 1, w0, (1, 2))
+    saved = export_state(whole.inner)
+    assert any(k.endswith("momentum_vector") for k in saved)
+    w2 = _fedavgm_round(whole, 2, w1, (3, 4))
+    resumed = _fedavgm_guard()
+    import_state(resumed.inner, saved)
+    w2r = _fedavgm_round(resumed, 2, w1, (3, 4))
+    fresh = _fedavgm_round(_fedavgm_guard(), 2, w1, (3, 4))
+    for k in w2:
+        np.testing.assert_array_equal(w2r[k], w2[k])
+    assert not np.allclose(fresh["w"], w2["w"])  # the restored momentum is what made the difference

@@ -101,6 +101,41 @@ def make_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def lr_at(cfg, pass_index: int) -> float:
+    """The learning rate of data pass ``pass_index`` (0-based) of ``rounds x local_epochs``.
+
+    A pure function of the pass, the same for a site's local epoch ``e`` of round ``r``
+    (pass ``(r-1) E + e``) and the centralized baseline's epoch of that number, so both
+    follow one schedule and a resumed run uses exactly the rates of an uninterrupted one.
+    Warm-up rises linearly to ``lr`` over ``warmup_passes``; cosine then takes each pass
+    at its middle point, so the last pass still trains (at a small rate).
+    """
+    total, warm = cfg.rounds * cfg.local_epochs, cfg.warmup_passes
+    if pass_index < warm:
+        return cfg.lr * (pass_index + 1) / (warm + 1)
+    if cfg.lr_schedule == "cosine":
+        q = (pass_index - warm + 0.5) / max(total - warm, 1)
+        return float(cfg.lr * 0.5 * (1.0 + np.cos(np.pi * min(q, 1.0))))
+    if cfg.lr_schedule == "step":
+        return cfg.lr * 0.1 ** sum(pass_index >= m * total for m in (0.5, 0.75))
+    return cfg.lr
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = float(lr)
+
+
+def norm_keys(model: nn.Module) -> list[str]:
+    """State keys of the normalisation layers (weights, biases, running statistics):
+    what FedBN keeps at each site."""
+    out = []
+    for name, m in strip_prefixes(dict(model.named_modules())).items():
+        if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            out += [f"{name}.{k}" for k in m.state_dict()]
+    return out
+
+
 def signature(model_or_state: nn.Module | Mapping[str, object]) -> str:
     """Hash of parameter names and shapes: equal signatures mean weights can be exchanged."""
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
