@@ -82,7 +82,10 @@ class RunConfig:
     # --- data ---------------------------------------------------------------------
     data: str = _f("", "LUNA16 root (subset0..9, annotations.csv, candidates_V2.csv); empty = synthetic")
     cache_dir: str = _f("", "patch cache folder; empty = <LUNAFL_HOME>/cache")
-    synthetic_scans: int = _f(100, "scans of the default synthetic data set (made on first use)")
+    synthetic_scans: int = _f(100, "scans of the default synthetic data set (made on first use), round-robin over "
+                              "LUNA16's ten subsets")
+    synthetic_test_scans: int = _f(90, "extra test-only scans of the default synthetic data set, all in the first "
+                                   "--test-subsets subset (they cost only inference; the sites' data is unchanged)")
     image_size: int = _f(64, "patch side in pixels given to the model (224 = reference; smaller on CPU)")
     fov_mm: float = _f(48.0, "physical field of view of a patch in mm (same for every scan spacing)")
     hu_min: float = _f(-1000.0, "lower end of the HU window")
@@ -152,7 +155,9 @@ class RunConfig:
             value = getattr(self, f.name)
             if choices and value not in choices:
                 problems.append(f"--{_kebab(f.name)} {value!r}: choose one of {', '.join(choices)}")
-        positive = ("clients", "rounds", "local_epochs", "batch_size", "image_size", "workers",
+        if self.synthetic_test_scans < 0:
+            problems.append(f"--synthetic-test-scans must be at least 0, got {self.synthetic_test_scans}")
+        positive = ("clients", "synthetic_scans", "rounds", "local_epochs", "batch_size", "image_size", "workers",
                     "eval_every", "keep_checkpoints")
         problems += [f"--{_kebab(n)} must be at least 1, got {getattr(self, n)}"
                      for n in positive if getattr(self, n) < 1]

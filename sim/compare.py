@@ -30,7 +30,7 @@ from pathlib import Path
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 ROOT = Path(__file__).resolve().parents[1]
 PASS_THROUGH = ("clients", "rounds", "local_epochs", "image_size", "arch", "data", "seed", "synthetic_scans",
-                "batch_size", "lr", "cache_dir", "workers", "proximal_mu", "alpha")
+                "synthetic_test_scans", "batch_size", "lr", "cache_dir", "workers", "proximal_mu", "alpha")
 
 
 def standard_runs(non_iid: str, privacy: bool) -> list[tuple[str, str, list[str]]]:

@@ -21,7 +21,8 @@ from common.config import add_arguments, from_args
 from common.logs import setup_logging
 
 PREP_OPTIONS = ("data", "workers", "on_bad_scan", "image_size", "fov_mm", "hu_min", "hu_max", "max_neg_per_scan",
-                "clients", "partition", "alpha", "test_subsets", "val_fraction", "seed", "synthetic_scans")
+                "clients", "partition", "alpha", "test_subsets", "val_fraction", "seed", "synthetic_scans",
+                "synthetic_test_scans")
 
 
 def main(argv: list[str] | None = None) -> int:

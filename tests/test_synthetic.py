@@ -75,3 +75,59 @@ def test_existing_output_is_not_overwritten(tmp_path):
     with pytest.raises(ValueError, match="not empty"):
         make_dataset(tmp_path / "x", 2, seed=0)
     assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
+
+
+def test_chests_are_adult_sized_and_inside_the_field_of_view(tiny_root):
+    """An adult chest is about 300 mm wide: a 48 mm patch must see lung, not most of the body."""
+    luna = load_luna16(tiny_root)
+    widths, depths = [], []
+    for ref in luna.scans.values():
+        scan = read_scan(ref.path)
+        mid = scan.array[scan.array.shape[0] // 2]
+        px = scan.geometry.spacing[0]
+        assert 0.46 <= px <= 0.98  # LUNA16's in-plane range
+        body = mid > -500  # fat, muscle, bone (the lungs are inside it)
+        cols, rows = np.flatnonzero(body.any(axis=0)), np.flatnonzero(body.any(axis=1))
+        widths.append((cols.max() - cols.min() + 1) * px)
+        depths.append((rows.max() - rows.min() + 1) * px)
+        # the whole body lies inside the image: air at both lateral edges
+        assert not body[:, 0].any() and not body[:, -1].any()
+        # lungs span most of the width: a patch around a lung candidate is mostly lung
+        lung = (mid > -950) & (mid < -700)
+        lung_cols = np.flatnonzero(lung.sum(axis=0) > 3)
+        assert (lung_cols.max() - lung_cols.min()) * px > 0.7 * widths[-1]
+    assert 260 <= min(widths) and max(widths) <= 340, widths
+    assert 170 <= min(depths) and max(depths) <= 260, depths
+
+
+def test_test_only_scans_join_the_test_subset_and_leave_training_scans_alone(tmp_path):
+    from common.partition import make_plan, scan_infos
+
+    root = make_dataset(tmp_path / "d", 2, seed=4, test_scans=2, workers=1)
+    luna = load_luna16(root)
+    subsets = {uid: ref.subset for uid, ref in luna.scans.items()}
+    first = [make_scan(4, i) for i in range(2)]
+    assert [subsets[s.seriesuid] for s in first] == [0, 1]  # round-robin as without test scans
+    assert sorted(subsets.values()) == [0, 1, 9, 9]
+    np.testing.assert_array_equal(read_scan(luna.scans[first[1].seriesuid].path).array, first[1].array)
+    # the test-only scans are the test split of a run
+    cand = luna.candidates
+    uniq = np.unique(cand.seriesuid)
+    infos = scan_infos(uniq, np.array([subsets[u] for u in uniq]), np.zeros(len(uniq)), luna.metadata)
+    plan = make_plan(infos, 1, "iid", seed=0, test_subsets=(9,))
+    assert len(plan.test) == 2 and not set(plan.test) & {s.seriesuid for s in first}
+    with pytest.raises(ValueError, match="test-subset"):
+        make_dataset(tmp_path / "e", 2, seed=4, test_scans=1, test_subset=10)
+
+
+def test_default_data_holds_a_test_split_of_100_scans():
+    """The demo's default: 100 scans round-robin (10 in subset 9) plus 90 test-only ones."""
+    from common.config import RunConfig
+    from common.data import synthetic_root
+
+    cfg = RunConfig()
+    in_test = sum(1 for i in range(cfg.synthetic_scans) if i % 10 in cfg.test_subset_list())
+    assert in_test + cfg.synthetic_test_scans == 100
+    assert f"+{cfg.synthetic_test_scans}test9" in synthetic_root(cfg).name
+    with pytest.raises(ValueError, match="synthetic-test-scans"):
+        RunConfig(synthetic_test_scans=-1)

@@ -24,7 +24,11 @@ def patch_spec(cfg: RunConfig) -> PatchSpec:
 
 
 def synthetic_root(cfg: RunConfig) -> Path:
-    return default_home() / f"synthetic-{cfg.synthetic_scans}-seed{cfg.seed}"
+    """Folder of the default synthetic data set, named by everything that makes it."""
+    from .synthetic import GENERATOR_VERSION
+
+    extra = f"+{cfg.synthetic_test_scans}test{cfg.test_subset_list()[0]}" if cfg.synthetic_test_scans else ""
+    return default_home() / f"synthetic-v{GENERATOR_VERSION}-{cfg.synthetic_scans}{extra}-seed{cfg.seed}"
 
 
 def resolve_root(cfg: RunConfig, progress: bool = True) -> Path:
@@ -38,9 +42,13 @@ def resolve_root(cfg: RunConfig, progress: bool = True) -> Path:
 
     root = synthetic_root(cfg)
     if not (root / "synthetic.json").exists():
-        log.info("no --data given: making %d synthetic LUNA16-format scans in %s (once)", cfg.synthetic_scans, root)
-        bar = _bar(cfg.synthetic_scans, "making synthetic scans", progress)
-        make_dataset(root, cfg.synthetic_scans, cfg.seed, workers=cfg.workers,
+        total = cfg.synthetic_scans + cfg.synthetic_test_scans
+        log.info("no --data given: making %d synthetic LUNA16-format scans (%d round-robin over subsets 0-9, %d more "
+                 "test-only in subset %d) in %s (once)", total, cfg.synthetic_scans, cfg.synthetic_test_scans,
+                 cfg.test_subset_list()[0], root)
+        bar = _bar(total, "making synthetic scans", progress)
+        make_dataset(root, cfg.synthetic_scans, cfg.seed, test_scans=cfg.synthetic_test_scans,
+                     test_subset=cfg.test_subset_list()[0], workers=cfg.workers,
                      progress=lambda done, total: bar.update(done - bar.n))
         bar.close()
     return root
