@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis.plots import learning_curves, roc_curves
+from analysis.plots import learning_curves, roc_curves, site_curves
 from common.atomic import atomic_write_text
 from common.evaluation import froc
 from common.evaluation.metrics import binary_metrics
@@ -182,6 +182,9 @@ def build_report(runs: list[Run], out: Path, folds: list[Run] | None = None) -> 
     if frocs:
         froc.plot_froc(frocs, out / "froc.png")
         images["FROC curves (LUNA16 candidate metric)"] = out / "froc.png"
+    for k, r in enumerate(x for x in runs if x.federated and x.events):
+        site_curves(r.rounds, r.events, out / f"site_curves-{k}.png", r.label)
+        images[f"Each site beside the global model: {r.label}"] = out / f"site_curves-{k}.png"
     from analysis.cams import cam_figures
 
     cam_docs = {r.label: doc for r in runs if (doc := cam_figures(r.path)) is not None}

@@ -30,6 +30,7 @@ UPDATE_DTYPES = ("float32", "float16", "bfloat16")
 PINNABLE = ("image-size", "dp", "arch", "norm")
 LR_SCHEDULES = ("constant", "cosine", "step")
 INJECTIONS = ("nan", "shape", "missing", "inflate", "signflip", "slow", "crash")
+TRACKERS = ("off", "mlflow")
 
 
 def _f(default: Any, help: str, **extra: Any) -> Any:  # noqa: A002 - mirrors argparse
@@ -147,6 +148,12 @@ class RunConfig:
     run_name: str = _f("", "name of the results folder (empty = made from mode, strategy and time)")
     keep_checkpoints: int = _f(2, "global-model checkpoints kept (the newest N)")
     eval_every: int = _f(1, "evaluate on the test split every N rounds (and always after the last)")
+    # --- experiment tracking (never needed to train; a results folder is always written) ---
+    tracking: str = _f("off", "also log the run to an experiment tracker: off or mlflow (parameters, per-round "
+                       "global and per-site metrics, plots, the final model)", choices=TRACKERS)
+    tracking_uri: str = _f("", "MLflow tracking URI (a team's server, e.g. http://mlflow.internal:5000; empty = "
+                           "a local SQLite store, <out>/mlflow.db, artifacts in <out>/mlartifacts)")
+    tracking_experiment: str = _f("luna-fl", "MLflow experiment the run is logged under")
 
     def __post_init__(self) -> None:
         problems = []

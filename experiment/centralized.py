@@ -55,23 +55,30 @@ def run_centralized(cfg: RunConfig, run: RunDir, prepared: Prepared, checkpoint:
         return lambda rnd, row: run.save_checkpoint(rnd, state, cfg, cfg.keep_checkpoints, optimizer=opt_state,
                                                     row=row)
 
-    if start == 0:
-        tracker.end_round(0, model, {})
-    for rnd in range(start + 1, cfg.rounds + 1):
-        t0 = time.time()
-        stats = []
-        for e in range(cfg.local_epochs):
-            epoch = (rnd - 1) * cfg.local_epochs + e
-            model_lib.set_lr(optimizer, model_lib.lr_at(cfg, epoch))  # the sites' schedule, pass by pass
-            loader = train_loader(prepared.cache, positions, batch_size=cfg.batch_size, neg_ratio=cfg.neg_ratio,
-                                  augment=cfg.augment, seed=cfg.seed * 100_003 + epoch)
-            stats.append(train_one_epoch(model, loader, optimizer, device, amp=cfg.amp, progress=progress,
-                                         log_prefix=f"epoch {epoch + 1}/{cfg.rounds * cfg.local_epochs} "))
-        seen = sum(s["examples"] for s in stats)
-        secs = sum(s["seconds"] for s in stats)
-        row = {"wall_seconds": time.time() - t0, "train_loss": sum(s["loss"] * s["examples"] for s in stats) / seen,
-               "train_seconds": secs, "images_per_s": seen / secs, "train_examples": seen}
-        tracker.end_round(rnd, model, row, snapshot())
-    summary = tracker.finish(model, {"mode": "centralized", "pooled_scans": len(pooled)})
+    def train() -> dict[str, Any]:
+        if start == 0:
+            tracker.end_round(0, model, {})
+        for rnd in range(start + 1, cfg.rounds + 1):
+            t0 = time.time()
+            stats = []
+            for e in range(cfg.local_epochs):
+                epoch = (rnd - 1) * cfg.local_epochs + e
+                model_lib.set_lr(optimizer, model_lib.lr_at(cfg, epoch))  # the sites' schedule, pass by pass
+                loader = train_loader(prepared.cache, positions, batch_size=cfg.batch_size, neg_ratio=cfg.neg_ratio,
+                                      augment=cfg.augment, seed=cfg.seed * 100_003 + epoch)
+                stats.append(train_one_epoch(model, loader, optimizer, device, amp=cfg.amp, progress=progress,
+                                             log_prefix=f"epoch {epoch + 1}/{cfg.rounds * cfg.local_epochs} "))
+            seen = sum(s["examples"] for s in stats)
+            secs = sum(s["seconds"] for s in stats)
+            row = {"wall_seconds": time.time() - t0, "train_loss": sum(s["loss"] * s["examples"] for s in stats) / seen,
+                   "train_seconds": secs, "images_per_s": seen / secs, "train_examples": seen}
+            tracker.end_round(rnd, model, row, snapshot())
+        return tracker.finish(model, {"mode": "centralized", "pooled_scans": len(pooled)})
+
+    try:
+        summary = train()
+    except BaseException:
+        tracker.abandon()
+        raise
     log.info("results in %s", run.path)
     return summary

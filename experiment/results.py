@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 # Settings that may differ on --resume: where and how fast it runs, not what it computes.
 RESUMABLE_CHANGES = ("rounds", "ray_address", "max_parallel", "cpus_per_client", "gpus_per_client", "workers",
-                     "node_timeout", "round_timeout", "out", "run_name", "device", "keep_checkpoints")
+                     "node_timeout", "round_timeout", "out", "run_name", "device", "keep_checkpoints",
+                     "tracking", "tracking_uri", "tracking_experiment")
 NOTICE = ("Research results on synthetic or public data (LUNA16). Not a medical device; "
           "never use these figures or models for diagnosis.")
 

@@ -186,10 +186,10 @@ def federate(grid: Grid, sr: ServerRun) -> dict[str, Any]:
     strategy = make_strategy(cfg, len(node_sites))
     if sr.checkpoint and sr.checkpoint.get("strategy"):
         import_state(strategy, sr.checkpoint["strategy"])
-    guard = Guard(strategy, cfg, reference, node_sites, site_limits(sr, info), round_offset=sr.start_round,
-                  on_event=run.event, excluded=set(excluded))
     tester = TestSplit.from_prepared(sr.prepared) if sr.prepared is not None else None
     tracker = RunTracker(cfg, run, tester, device, sr.start_round)
+    guard = Guard(strategy, cfg, reference, node_sites, site_limits(sr, info), round_offset=sr.start_round,
+                  on_event=tracker.event, excluded=set(excluded))
     slots = sr.slots or len(node_sites)
 
     def snapshot() -> Callable[[int, dict], None]:
@@ -214,13 +214,17 @@ def federate(grid: Grid, sr: ServerRun) -> dict[str, Any]:
 
     train_cfg, eval_cfg = base_config(sr), base_config(sr)
     remaining = cfg.rounds - sr.start_round
-    if remaining > 0:
-        guard.start(grid, ArrayRecord(model.state_dict()), num_rounds=remaining, timeout=cfg.round_timeout,
-                    train_config=train_cfg, evaluate_config=eval_cfg, evaluate_fn=evaluate_fn)
-    else:
-        log.info("all %d rounds are already done", cfg.rounds)
-    summary = tracker.finish(model, {"sites": info, "slots": slots, "mode": "federated",
-                                     "privacy": privacy_summary(sr, strategy)})
+    try:
+        if remaining > 0:
+            guard.start(grid, ArrayRecord(model.state_dict()), num_rounds=remaining, timeout=cfg.round_timeout,
+                        train_config=train_cfg, evaluate_config=eval_cfg, evaluate_fn=evaluate_fn)
+        else:
+            log.info("all %d rounds are already done", cfg.rounds)
+        summary = tracker.finish(model, {"sites": info, "slots": slots, "mode": "federated",
+                                         "privacy": privacy_summary(sr, strategy)})
+    except BaseException:
+        tracker.abandon()
+        raise
     log.info("results in %s", run.path)
     return summary
 

@@ -16,7 +16,8 @@ and DP at epsilon 8 starting from a model trained without DP on *public* data (t
 standard recipe; --public-data, default 40 synthetic scans made with another seed, never the
 sites' data).
 
-Writes REPORT_DIR/report.md and a self-contained REPORT_DIR/report.html.
+Writes REPORT_DIR/report.md and a self-contained REPORT_DIR/report.html. With --tracking
+mlflow every run is tracked, and the report is attached to each compared run that is.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from pathlib import Path
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 ROOT = Path(__file__).resolve().parents[1]
 PASS_THROUGH = ("clients", "rounds", "local_epochs", "image_size", "arch", "data", "seed", "synthetic_scans",
-                "synthetic_test_scans", "batch_size", "lr", "cache_dir", "workers", "proximal_mu", "alpha")
+                "synthetic_test_scans", "batch_size", "lr", "cache_dir", "workers", "proximal_mu", "alpha", "tracking",
+                "tracking_uri", "tracking_experiment")
 
 
 def standard_runs(non_iid: str, privacy: bool) -> list[tuple[str, str, list[str]]]:
@@ -151,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
             path = run_one(f"fold-{k}", ["--mode", "centralized", "--test-subsets", str(k)], common, runs_dir)
             folds.append(Run.load(f"fold {k}", path))
     md, page = build_report(runs, Path(args.out), folds or None)
+    from experiment.tracker import log_report_to_runs
+
+    # the report also goes to each compared run's MLflow run (those tracked: mlflow.json)
+    log_report_to_runs([r.path for r in runs + folds], [md, page])
     print(f"\nreport: {md}\n        {page}")
     return 0
 

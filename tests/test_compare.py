@@ -138,3 +138,110 @@ def test_dp_from_public_pretraining_uses_other_data_and_the_report_shows_its_sta
     md, _ = build_report([run], tmp_path / "report")
     row = next(line for line in md.read_text().splitlines() if line.startswith(f"| {label} | local |"))
     assert f"public-model/model_final.pt ({start:.3f})" in row
+
+
+# ---- the report in a real browser: headless Chromium driven over the DevTools protocol ----
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--remote-debugging-port=0", "--window-size=1280,900")
+
+
+class DevTools:
+    """A minimal Chrome DevTools protocol client: commands and the events they cause."""
+
+    def __init__(self, ws_url: str) -> None:
+        import websocket
+
+        self.ws = websocket.create_connection(ws_url, timeout=60, suppress_origin=True)
+        self.next_id = 0
+        self.events: list[dict] = []
+
+    def call(self, method: str, **params) -> dict:
+        self.next_id += 1
+        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:
+            msg = json.loads(self.ws.recv())
+            if msg.get("id") == self.next_id:
+                if "error" in msg:
+                    raise RuntimeError(f"{method}: {msg['error']}")
+                return msg.get("result", {})
+            self.events.append(msg)
+
+    def wait_for(self, method: str) -> dict:
+        while not any(e.get("method") == method for e in self.events):
+            self.events.append(json.loads(self.ws.recv()))
+        return next(e for e in self.events if e.get("method") == method)
+
+
+def open_in_chromium(page: Path, screenshot: Path) -> tuple[dict, list[str]]:
+    """Load ``page`` in headless Chromium; return what the page shows and every URL it requested."""
+    import base64
+    import shutil
+    import tempfile
+    import time
+    import urllib.request
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    profile = Path(tempfile.mkdtemp(prefix="chromium-profile-"))
+    proc = subprocess.Popen([browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        port_file = profile / "DevToolsActivePort"
+        deadline = time.time() + 60
+        while not (port_file.exists() and port_file.read_text().count("\n") >= 1):
+            assert proc.poll() is None and time.time() < deadline, "Chromium did not start"
+            time.sleep(0.1)
+        port = int(port_file.read_text().split()[0])
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=30) as r:  # loopback only
+            target = next(t for t in json.load(r) if t["type"] == "page")
+        cdp = DevTools(target["webSocketDebuggerUrl"])
+        cdp.call("Network.enable")
+        cdp.call("Page.enable")
+        cdp.call("Page.navigate", url=page.resolve().as_uri())
+        cdp.wait_for("Page.loadEventFired")
+        shown = cdp.call("Runtime.evaluate", returnByValue=True, expression="""JSON.stringify({
+            title: document.title, text: document.body.innerText.length,
+            tables: document.querySelectorAll('table').length,
+            images: [...document.images].map(i => ({alt: i.alt, complete: i.complete, w: i.naturalWidth,
+                                                    h: i.naturalHeight, shown: i.getBoundingClientRect().width}))
+        })""")["result"]["value"]
+        size = cdp.call("Page.getLayoutMetrics")["cssContentSize"]
+        shot = cdp.call("Page.captureScreenshot", format="png", captureBeyondViewport=True,
+                        clip={"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1})
+        screenshot.write_bytes(base64.b64decode(shot["data"]))
+        requested = [e["params"]["request"]["url"] for e in cdp.events
+                     if e.get("method") == "Network.requestWillBeSent"]
+        cdp.ws.close()
+        return json.loads(shown), requested
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def test_report_renders_offline_in_a_real_browser_with_every_image(finished_runs, tmp_path):
+    import shutil
+
+    if not (shutil.which("chromium") or shutil.which("chromium-browser")):
+        pytest.skip("no Chromium on this machine (Debian: apt-get install -y chromium)")
+    pytest.importorskip("websocket", reason="websocket-client is a dev dependency: pip install -e '.[dev]'")
+    out = tmp_path / "report"
+    p = subprocess.run([sys.executable, "sim/compare.py", "--runs", str(finished_runs / "central"),
+                        str(finished_runs / "fed"), "--labels", "central", "fed", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    page = out / "report.html"
+    shown, requested = open_in_chromium(page, out / "report.png")
+    assert shown["title"] == "luna-fl comparison report" and shown["tables"] >= 4 and shown["text"] > 2000
+    embedded = page.read_text().count("<img ")
+    assert len(shown["images"]) == embedded >= 4  # learning curves, per-site curves, ROC, FROC
+    for img in shown["images"]:  # every image decoded and laid out
+        assert img["complete"] and img["w"] > 0 and img["h"] > 0 and img["shown"] > 0, img
+    # offline and self-contained: the page itself and its data: images, nothing else
+    assert requested and requested[0] == page.resolve().as_uri()
+    assert all(u.startswith(("file:", "data:")) for u in requested), requested
+    assert [u for u in requested if u.startswith("file:")] == [page.resolve().as_uri()]
+    assert (out / "report.png").stat().st_size > 20_000  # the screenshot, beside the report

@@ -25,8 +25,10 @@ def sim_cmd(tmp_path: Path, tiny_root: Path, *args: str) -> tuple[list[str], dic
     return cmd, env
 
 
-def sim_killed_after_round(tmp_path: Path, tiny_root: Path, rnd: int, run: str, *args: str) -> None:
-    """Start a run and SIGKILL it (and its Ray processes) once round ``rnd`` is complete."""
+def sim_killed_after_round(tmp_path: Path, tiny_root: Path, rnd: int, run: str, *args: str,
+                           and_file: str = "") -> None:
+    """Start a run and SIGKILL it (and its Ray processes) once round ``rnd`` is complete
+    (and the results folder has ``and_file``, when named)."""
     import psutil
 
     cmd, env = sim_cmd(tmp_path, tiny_root, "--run-name", run, *args)
@@ -35,7 +37,8 @@ def sim_killed_after_round(tmp_path: Path, tiny_root: Path, rnd: int, run: str, 
     deadline = time.time() + 300
     try:
         while time.time() < deadline:
-            if rounds_file.exists() and rnd in {json.loads(x)["round"] for x in rounds_file.read_text().splitlines()}:
+            if rounds_file.exists() and rnd in {json.loads(x)["round"] for x in rounds_file.read_text().splitlines()} \
+                    and (not and_file or (rounds_file.parent / and_file).exists()):
                 break
             assert proc.poll() is None, "the run ended before it could be killed"
             time.sleep(0.2)

@@ -101,7 +101,7 @@ def test_chests_are_adult_sized_and_inside_the_field_of_view(tiny_root):
 
 
 def test_test_only_scans_join_the_test_subset_and_leave_training_scans_alone(tmp_path):
-    from common.partition import make_plan, scan_infos
+    from common.data.partition import make_plan, scan_infos
 
     root = make_dataset(tmp_path / "d", 2, seed=4, test_scans=2, workers=1)
     luna = load_luna16(root)
@@ -123,7 +123,7 @@ def test_test_only_scans_join_the_test_subset_and_leave_training_scans_alone(tmp
 def test_default_data_holds_a_test_split_of_100_scans():
     """The demo's default: 100 scans round-robin (10 in subset 9) plus 90 test-only ones."""
     from common.config import RunConfig
-    from common.data import synthetic_root
+    from common.data.prepare import synthetic_root
 
     cfg = RunConfig()
     in_test = sum(1 for i in range(cfg.synthetic_scans) if i % 10 in cfg.test_subset_list())

@@ -25,7 +25,7 @@ def patch_spec(cfg: RunConfig) -> PatchSpec:
 
 def synthetic_root(cfg: RunConfig) -> Path:
     """Folder of the default synthetic data set, named by everything that makes it."""
-    from .synthetic import GENERATOR_VERSION
+    from common.data.synthetic import GENERATOR_VERSION
 
     extra = f"+{cfg.synthetic_test_scans}test{cfg.test_subset_list()[0]}" if cfg.synthetic_test_scans else ""
     return default_home() / f"synthetic-v{GENERATOR_VERSION}-{cfg.synthetic_scans}{extra}-seed{cfg.seed}"

@@ -324,7 +324,7 @@ def plot_froc(results: Mapping[str, FROCResult], path: str | os.PathLike[str]) -
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 5), dpi=100)
+    fig = Figure(figsize=(7, 5), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)  # Agg without touching pyplot's global backend
     ax = fig.add_subplot()
     for name, res in results.items():
@@ -338,9 +338,12 @@ def plot_froc(results: Mapping[str, FROCResult], path: str | os.PathLike[str]) -
     ax.set_xlim(FP_RATES[0], FP_RATES[-1])
     ax.set_xticks(FP_RATES, ["1/8", "1/4", "1/2", "1", "2", "4", "8"])
     ax.set_ylim(0.0, 1.0)
-    ax.set_xlabel("Average number of false positives per scan")
-    ax.set_ylabel("Sensitivity")
-    ax.set_title("FROC")
+    ax.set_xlabel("average false positives per scan (log scale)")
+    ax.set_ylabel("sensitivity (share of nodules found)")
+    sizes = {(r.n_scans, r.n_nodules) for r in results.values()}
+    scans, nodules = sizes.pop() if len(sizes) == 1 else (None, None)
+    ax.set_title("FROC" + (f" on {scans} test scans, {nodules} nodules" if scans is not None else "")
+                 + "; dots: the 7 CPM points", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right")
     atomic_write(path, lambda fh: fig.savefig(fh, format="png"), binary=True)
