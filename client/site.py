@@ -143,7 +143,7 @@ def train_site(cfg: RunConfig, data: SiteData, arrays: dict[str, np.ndarray], se
                 epoch_loader = dp.loader(epoch_loader, seed + epoch)
             st = train_one_epoch(train_model, epoch_loader, optimizer, device, amp=cfg.amp and dp is None,
                                  extra_loss=extra, deadline=deadline, log_prefix=prefix, criterion=criterion,
-                                 after_step=(lambda: time.sleep(2.0)) if injected == "slow" else None)
+                                 after_step=stall_past(deadline) if injected == "slow" else None)
             stats.append(st)
             log.info("%sepoch %d/%d: loss %.4f, %d examples, %.1f img/s", prefix, epoch + 1, cfg.local_epochs,
                      st["loss"], st["examples"], st["images_per_s"])
@@ -164,6 +164,20 @@ def train_site(cfg: RunConfig, data: SiteData, arrays: dict[str, np.ndarray], se
     if injected:
         out = misbehave(injected, out, arrays, metrics)
     return out, metrics
+
+
+def stall_past(deadline: float | None):
+    """``--inject slow``: a site too slow for any machine. After its first step it waits
+    until the round's deadline has surely passed, then takes 2 s a step: the engine stops it
+    at its next deadline check, and a site that ran on would take minutes."""
+
+    def after_step() -> None:
+        if deadline is not None and time.time() < deadline + 0.5:
+            time.sleep(deadline + 0.5 - time.time())
+        else:
+            time.sleep(2.0)
+
+    return after_step
 
 
 def local_dp(cfg: RunConfig, data: SiteData, batches_per_epoch: int) -> LocalDP:
