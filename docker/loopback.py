@@ -122,9 +122,11 @@ class Processes:
 class Federation:
     """Certificates, data and the processes of one loopback federation under ``root``."""
 
-    def __init__(self, root: Path, sites: list[str], procs: Processes | None = None) -> None:
+    def __init__(self, root: Path, sites: list[str], procs: Processes | None = None,
+                 extra_env: dict[str, str] | None = None) -> None:
         self.root, self.sites = root, sites
         self.procs = procs or Processes(root / "logs")
+        self.extra_env = dict(extra_env or {})  # added to every process's environment (the tests' hold points)
         self.certs = root / "certs"
         self.state = root / "state"
         self.port = free_port()
@@ -151,7 +153,7 @@ class Federation:
                         LUNAFL_PORT=str(self.port), LUNAFL_KEYS=str(self.certs / "keys"), LUNAFL_APP=str(ROOT),
                         LUNAFL_TEST_DATA=str(self.test_data) if self.test_data.exists() else "",
                         FLWR_HOME=str(self.state / "flwr-home"))
-        return base_env(**{**settings, **extra})
+        return base_env(**{**self.extra_env, **settings, **extra})
 
     def site_env(self, site: str, **extra: str) -> dict[str, str]:
         folder = self.certs / "sites" / site
@@ -160,7 +162,7 @@ class Federation:
                         LUNAFL_CA=str(folder / "ca.crt"), LUNAFL_AUTH_KEY=str(folder / "auth.key"),
                         LUNAFL_DATA=str(self.data.get(site, self.data[self.sites[0]])), LUNAFL_CACHE=str(cache),
                         LUNAFL_SUPERNODE_PORT=str(free_port()), FLWR_HOME=str(cache / "flwr-home"))
-        return base_env(**{**settings, **extra})
+        return base_env(**{**self.extra_env, **settings, **extra})
 
     # ---- roles ----
     def health(self, target: str, env: dict[str, str]) -> int:
@@ -176,12 +178,18 @@ class Federation:
         return subprocess.run([sys.executable, str(ENTRY), "register"], env=self.server_env(**extra),
                               capture_output=True, text=True, timeout=120)
 
-    def start_sites(self, *sites: str) -> None:
+    def start_sites(self, *sites: str, connected: bool = False) -> None:
+        """Start the hospitals' SuperNodes and wait until each serves its health check; with
+        ``connected``, also until each has joined the SuperLink (its log names its node ID)."""
+        joined = {site: self.procs.log(site).count("SuperNode ID:") for site in sites}  # logs are appended
         envs = {site: self.site_env(site) for site in sites}
         started = {site: self.procs.entry(site, "supernode", env) for site, env in envs.items()}
         for site, proc in started.items():
             wait_for(f"{site} health check", lambda env=envs[site]: self.health("supernode", env) == 0, 60, proc,
                      lambda site=site: self.procs.log(site))
+            if connected:
+                wait_for(f"{site} connected", lambda site=site: self.procs.log(site).count("SuperNode ID:")
+                         > joined[site], 90, proc, lambda site=site: self.procs.log(site))
 
     def nodes(self) -> list[dict]:
         proc = subprocess.run(["flwr", "supernode", "ls", "luna", "--format", "json"], env=self.server_env(),

@@ -306,9 +306,12 @@ class Guard(Strategy):
         rnd = self._round(server_round)
         lg = self._log(rnd)
         lg.started = time.time()
+        grid = self._ordered_grid(grid, rnd)  # may wait up to --node-timeout for a restarting site
+        # The sites' deadline starts when the round's messages go out, as Flower's own reply
+        # timeout does: the wait for sites above must not eat into their training time.
         config["deadline"] = time.time() + self.cfg.round_timeout
         config["evaluate-first"] = int(self.fused_eval and rnd >= 2)  # round rnd-1's model, at each site
-        msgs = list(self.inner.configure_train(rnd, arrays, config, self._ordered_grid(grid, rnd)))
+        msgs = list(self.inner.configure_train(rnd, arrays, config, grid))
         nbytes = self._encode_into(msgs, arrays)
         self._sent[(rnd, "train")] = msgs
         lg.sampled = [self.site_of(m.metadata.dst_node_id) for m in msgs]

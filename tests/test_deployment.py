@@ -59,9 +59,39 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
 
 
+class Holds:
+    """Hold points in the federation's processes (tests/holdpoints/sitecustomize.py): the test
+    arms one, waits until a process reaches it, acts (kills something), then releases it."""
+
+    HOOKS = ROOT / "tests" / "holdpoints"
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+
+    def env(self) -> dict[str, str]:
+        path = [str(self.HOOKS), *filter(None, [os.environ.get("PYTHONPATH", "")])]
+        return {"LUNAFL_TEST_HOLDS": str(self.folder), "PYTHONPATH": os.pathsep.join(path)}
+
+    def arm(self, point: str) -> None:
+        (self.folder / f"{point}.arm").touch()
+
+    def wait(self, point: str, timeout: float, proc: subprocess.Popen, log) -> int:
+        """The pid of the process held at ``point``, once one is."""
+        reached = self.folder / f"{point}.reached"
+        wait_for(f"hold point {point} reached", reached.exists, timeout, proc, log)
+        return int(reached.read_text())
+
+    def release(self, point: str) -> None:
+        (self.folder / f"{point}.release").touch()
+
+
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
-    fed = loop.Federation(tmp_path_factory.mktemp("deployment"), SITES)
+    root = tmp_path_factory.mktemp("deployment")
+    holds = Holds(root / "holds")
+    fed = loop.Federation(root, SITES, extra_env=holds.env())
+    fed.holds = holds
     try:
         fed.make_certs()
         fed.make_data(scans=8, test_scans=10)  # the test set's subset9 holds one scan: the server's test split
@@ -73,41 +103,57 @@ def federation(tmp_path_factory):
         prep = subprocess.run([sys.executable, str(ENTRY), "prepare"], capture_output=True, text=True, timeout=300,
                               env=fed.site_env(SITES[0], LUNAFL_PREPARE="image-size=32"))
         assert prep.returncode == 0 and "patch cache ready" in prep.stdout, prep.stdout + prep.stderr
-        fed.start_sites(*SITES)
+        fed.start_sites(*SITES, connected=True)
         wait_for("both hospitals online", lambda: fed.online() == 2, 60)
         yield fed
     finally:
         fed.procs.stop_all()
 
 
+def restart_exited_sites(federation) -> bool:
+    """What the compose restart policy does: start again a SuperNode that exited."""
+    for site in SITES:
+        if federation.procs.procs[site].poll() is not None:
+            federation.procs.stop(site)
+            federation.start_sites(site)
+    return True
+
+
 @pytest.fixture(scope="module")
 def run(federation):
-    """``run`` for two rounds; the SuperLink crashes (SIGKILL) once round 1 is saved, restarts
-    on the same database, and ``run`` again finishes the run from its checkpoint."""
+    """``run`` for two rounds; the SuperLink crashes (SIGKILL) while hospital-a trains round 2
+    (held there: round 1 is saved, round 2 cannot be), restarts on the same database, and
+    ``run`` again finishes the run from its checkpoint."""
     before = {site: snapshot(federation.data[site]) for site in SITES}
+    held = f"federation.{SITES[0]}.train.2"  # LUNAFL_RUN_NAME's default, the results folder's name
+    federation.holds.arm(held)
     first = federation.procs.start("run-1", [sys.executable, str(ENTRY), "run"],
                                    federation.server_env(LUNAFL_RUN_CONFIG=TINY))
+
+    def first_log() -> str:
+        return federation.procs.log("run-1") + federation.procs.log("superlink")[-3000:]
+
+    federation.holds.wait(held, 480, first, first_log)
     rounds = federation.results / "rounds.jsonl"
-    wait_for("round 1 saved", lambda: rounds.exists() and any(r["round"] == 1 for r in rows(rounds)), 480, first,
-             lambda: federation.procs.log("run-1") + federation.procs.log("superlink")[-3000:])
+    # the row follows its checkpoint from a background writer that may still be busy
+    wait_for("round 1 saved", lambda: rounds.exists() and any(r["round"] == 1 for r in rows(rounds)), 60, first,
+             first_log)
     saved_at_crash = sorted(p.name for p in (federation.results / "checkpoints").iterdir())
-    federation.procs.stop("superlink", signal.SIGKILL)  # the server dies during round 2
+    federation.procs.stop("superlink", signal.SIGKILL)  # the server dies while round 2 trains
     first.wait(120)
-    first_log = federation.procs.log("run-1")
+    interrupted_log = federation.procs.log("run-1")
     federation.procs.stop("run-1")
+    federation.holds.release(held)  # hospital-a trains on, for a server that is gone
     federation.start_superlink()  # same database; the keys are not registered again
-    gave_up = [site for site in SITES if federation.procs.procs[site].poll() is not None]
-    for site in gave_up:  # a SuperNode that gave up while the SuperLink was away (compose: restart policy)
-        federation.procs.stop(site)
-    federation.start_sites(*gave_up)
-    wait_for("both hospitals back online", lambda: federation.online() == 2, 120)
+    wait_for("both hospitals back online", lambda: restart_exited_sites(federation) and federation.online() == 2,
+             120)
     proc, seconds = federation.run(TINY, timeout=600)
     if proc.returncode != 0:
         raise AssertionError(f"entrypoint.py run failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n"
                              f"{proc.stderr[-3000:]}\n--- superlink log ---\n"
                              f"{federation.procs.log('superlink')[-4000:]}")
     after = {site: snapshot(federation.data[site]) for site in SITES}
-    return types.SimpleNamespace(first_rc=first.returncode, first_log=first_log, saved_at_crash=saved_at_crash,
+    return types.SimpleNamespace(first_rc=first.returncode, first_log=interrupted_log, saved_at_crash=saved_at_crash,
                                  proc=proc, seconds=seconds, before=before, after=after)
 
 
@@ -473,38 +519,61 @@ def test_the_gateway_forwards_only_the_fleet_api(federation, tmp_path):
         federation.procs.stop("gateway")
 
 
-def test_a_hospital_killed_mid_round_is_named_and_rejoins_the_next_round(federation, run):
-    """A SuperNode dies (SIGKILL) while it trains in round 1: the round closes with the other
-    hospital, names the lost one, and the restarted SuperNode trains again in round 2."""
+def test_a_hospital_killed_while_training_or_after_sending_is_handled_in_that_phase(federation, run):
+    """The victim's SuperNode dies (SIGKILL, with its ClientApp) in two phases the test picks:
+
+    - round 1, while it trains (held inside the training call): the round closes with the
+      other hospital and names the lost one; restarted, the hospital trains in round 2;
+    - round 2, after its update reached the server (the server held with every reply in,
+      before aggregating): its update counts, the round fails nobody, and the hospital,
+      restarted, answers the final evaluation.
+    """
     import psutil
 
-    run_name = "site-crash"
+    run_name, victim = "site-crash", SITES[1]
     results = federation.state / "runs" / run_name
-    cfg = TINY.replace("rounds=2", "rounds=2 round-timeout=60 node-timeout=120 min-fit-clients=1")
-    env = federation.server_env(LUNAFL_RUN_CONFIG=cfg, LUNAFL_RUN_NAME=run_name)
-    proc = federation.procs.start("run-crash", [sys.executable, str(ENTRY), "run"], env)
-    victim = SITES[1]
+    # round-timeout far above Flower's heartbeat patience (2 x 30 s): the lost node is
+    # detected by its missing heartbeat, never by the round's clock
+    cfg = TINY.replace("rounds=2", "rounds=2 round-timeout=300 node-timeout=120 min-fit-clients=1")
+    training, replied = f"{run_name}.{victim}.train.1", f"{run_name}.server.aggregate.2"
+    federation.holds.arm(training)
+    federation.holds.arm(replied)
+    proc = federation.procs.start("run-crash", [sys.executable, str(ENTRY), "run"],
+                                  federation.server_env(LUNAFL_RUN_CONFIG=cfg, LUNAFL_RUN_NAME=run_name))
 
-    def victim_is_training() -> bool:  # round 0 is evaluated, and the victim runs a ClientApp process
-        node = federation.procs.procs[victim]
-        started = (results / "rounds.jsonl").exists() and any(r["round"] == 0 for r in rows(results / "rounds.jsonl"))
-        kids = psutil.Process(node.pid).children(recursive=True) if node.poll() is None else []
-        return started and any("clientapp" in " ".join(p.cmdline()) for p in kids)
+    def log() -> str:
+        return federation.procs.log("run-crash")
 
-    wait_for(f"{victim} training in round 1", victim_is_training, 300, proc, lambda: federation.procs.log("run-crash"))
+    def events() -> list[dict]:
+        return rows(results / "events.jsonl") if (results / "events.jsonl").exists() else []
+
+    # phase 1: dies while training
+    held = psutil.Process(federation.holds.wait(training, 300, proc, log))
+    node = federation.procs.procs[victim]
+    assert node.pid in {p.pid for p in held.parents()}, "the held process is not the victim's ClientApp"
     federation.procs.stop(victim, signal.SIGKILL)
-
-    def failure_logged() -> bool:
-        return (results / "events.jsonl").exists() and any(
-            e["kind"] == "failure" and e["site"] == victim for e in rows(results / "events.jsonl"))
-
-    wait_for("round 1 names the lost hospital", failure_logged, 240, proc, lambda: federation.procs.log("run-crash"))
+    assert not psutil.wait_procs([held], timeout=30)[1], "the victim's ClientApp outlived its SuperNode"
+    wait_for("round 1 names the lost hospital", lambda: any(
+        e["kind"] == "failure" and e["site"] == victim for e in events()), 180, proc, log)
     federation.start_sites(victim)  # the hospital's IT restarts the container; round 2 waits for it
+
+    # phase 2: dies after sending its round-2 update, before the server aggregates it
+    federation.holds.wait(replied, 300, proc, log)
+    federation.procs.stop(victim, signal.SIGKILL)
+    # The SuperLink refuses a node that is still online, so a restarted SuperNode joins once
+    # the old one's heartbeat has lapsed (2 x 30 s at most): wait for that, then restart it.
+    wait_for("the SuperLink sees the victim offline", lambda: federation.online() == 1, 120, proc, log)
+    federation.start_sites(victim, connected=True)  # back before the final evaluation is sent
+    federation.holds.release(replied)
     proc.wait(600)
-    log = federation.procs.log("run-crash")
-    assert proc.returncode == 0, log[-4000:]
+    assert proc.returncode == 0, log()[-4000:]
+
     r1, r2 = (r for r in rows(results / "rounds.jsonl") if r["round"] in (1, 2))
     assert r1["failed_sites"] == [victim] and r1["sites_trained"] == 1
-    assert r2["failed_sites"] == [] and r2["sites_trained"] == 2  # back in the next round
-    failures = [e for e in rows(results / "events.jsonl") if e["kind"] == "failure" and e["site"] == victim]
-    assert failures and failures[0]["round"] == 1
+    assert r2["failed_sites"] == [] and r2["sites_trained"] == 2  # back in the next round; its update counts
+    failures = [e for e in events() if e["kind"] == "failure" and e["site"] == victim]
+    assert [(e["round"], e["phase"]) for e in failures] == [(1, "train")]
+    assert "heartbeat" in failures[0]["reason"], failures[0]["reason"]  # Flower's "Node Unavailable"
+    assert {(e["round"], e["site"]) for e in events() if e["kind"] == "train"} == \
+        {(1, SITES[0]), (2, SITES[0]), (2, victim)}
+    assert {e["site"] for e in events() if e["kind"] == "evaluate" and e["round"] == 2} == set(SITES)

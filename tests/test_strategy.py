@@ -264,3 +264,24 @@ def test_fedavgm_momentum_survives_export_and_import():
     for k in w2:
         np.testing.assert_array_equal(w2r[k], w2[k])
     assert not np.allclose(fresh["w"], w2["w"])  # the restored momentum is what made the difference
+
+
+def test_the_training_deadline_starts_after_the_wait_for_a_restarting_site():
+    """A round first waits (up to --node-timeout) for every site that joined; a site that
+    reconnects late must still get the whole --round-timeout to train."""
+    g = guard(rounds=2, round_timeout=30.0, node_timeout=60.0)
+
+    class Rejoining:  # site-5 is back only after a few polls of the node list
+        polls = 0
+
+        def get_node_ids(self):
+            self.polls += 1
+            return [1, 2, 3, 4, 5] if self.polls > 3 else [1, 2, 3, 4]
+
+    cfg = ConfigRecord({})
+    g.configure_train(1, ArrayRecord({k: Array(v) for k, v in GLOBAL.items()}), cfg, Rejoining())
+    import time
+
+    waited = time.time() - g.rounds[1].started
+    assert waited >= 1.0  # the round did wait for site-5 (polls every 0.5 s)
+    assert cfg["deadline"] >= g.rounds[1].started + waited + 30.0 - 0.5
