@@ -8,7 +8,7 @@
     python docker/entrypoint.py health superlink|supernode   # container health checks
     python docker/entrypoint.py --print ROLE  # show the command instead of running it
 
-The images (docker/Dockerfile), docker/docker-compose.yml and tests/test_deployment.py
+The images (docker/Dockerfile), docker/docker-compose.yml and tests/docker/test_deployment.py
 all call this script, so what the test runs is what a hospital runs. It needs only
 the standard library and the Flower command-line tools on PATH (``prepare`` also
 imports the project).

@@ -31,9 +31,9 @@ def tiny_home(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def tiny_cfg(tiny_root, tmp_path):
-    """Settings small enough for a test: 32 px patches, ResNet-10, 2 sites, 1 round."""
+    """The tiny preset (tests/helpers.py) as a RunConfig on the tiny data."""
     from common.config import RunConfig
+    from tests.helpers import TINY
 
     return RunConfig(data=str(tiny_root), cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "runs"),
-                     image_size=32, arch="resnet10", clients=2, rounds=1, local_epochs=1, batch_size=8,
-                     workers=1, seed=3, node_timeout=60.0)
+                     node_timeout=60.0, **TINY)

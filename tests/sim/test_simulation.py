@@ -7,63 +7,13 @@ import math
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def sim_cmd(tmp_path: Path, tiny_root: Path, *args: str) -> tuple[list[str], dict]:
-    env = {**os.environ, "LUNAFL_HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, str(ROOT / "sim" / "run.py"), "--data", str(tiny_root),
-           "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "runs"), "--image-size", "32",
-           "--arch", "resnet10", "--batch-size", "8", "--workers", "1", "--seed", "3", *args]
-    return cmd, env
-
-
-def sim_killed_after_round(tmp_path: Path, tiny_root: Path, rnd: int, run: str, *args: str,
-                           and_file: str = "") -> None:
-    """Start a run and SIGKILL it (and its Ray processes) once round ``rnd`` is complete
-    (and the results folder has ``and_file``, when named)."""
-    import psutil
-
-    cmd, env = sim_cmd(tmp_path, tiny_root, "--run-name", run, *args)
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    rounds_file = tmp_path / "runs" / run / "rounds.jsonl"
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline:
-            if rounds_file.exists() and rnd in {json.loads(x)["round"] for x in rounds_file.read_text().splitlines()} \
-                    and (not and_file or (rounds_file.parent / and_file).exists()):
-                break
-            assert proc.poll() is None, "the run ended before it could be killed"
-            time.sleep(0.2)
-        else:
-            raise AssertionError(f"round {rnd} never completed")
-    finally:
-        family = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
-        for p in family:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        proc.wait(timeout=30)
-
-
-def sim(tmp_path: Path, tiny_root: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    cmd, env = sim_cmd(tmp_path, tiny_root, *args)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    if proc.returncode != 0:
-        raise AssertionError(f"sim/run.py failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
-    return proc
-
-
-def rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+from tests.helpers import ROOT, rows, sim, sim_killed_after_round
 
 
 def test_three_sites_train_and_a_nan_site_is_rejected(tmp_path, tiny_root):

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import argparse
 import tomllib
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from common.config import RunConfig, add_arguments, from_args
 from common.data.loaders import augment, balanced_positions, epoch_size, train_loader
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
 
 
 def test_pyproject_app_config_lists_every_setting_with_its_default():

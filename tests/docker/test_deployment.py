@@ -29,7 +29,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT, tiny_run_config
+
 DOCKER = ROOT / "docker"
 
 
@@ -46,7 +47,7 @@ ENTRY, CERTS, BIN = loop.ENTRY, loop.CERTS, loop.BIN
 base_env, free_port, rows, wait_for = loop.base_env, loop.free_port, loop.rows, loop.wait_for
 SITES = ["hospital-a", "hospital-b"]
 # the tiny federation of the issue: ResNet-10 on 32 px patches, 2 rounds of 1 local epoch
-TINY = 'arch="resnet10" image-size=32 rounds=2 local-epochs=1 batch-size=8 clients=2 workers=1'
+TINY = tiny_run_config(rounds=2)
 
 
 def make_site(path: Path, scans: int, seed: int) -> Path:

@@ -144,11 +144,11 @@ def test_a_server_of_another_release_is_named_with_both_versions(server_run, mon
 
 def test_the_release_is_the_package_version():
     import tomllib
-    from pathlib import Path
 
     import common
+    from tests.helpers import ROOT
 
-    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert common.__version__ == pyproject["project"]["version"]
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .test_simulation import ROOT, rows, sim, sim_killed_after_round
+from tests.helpers import ROOT, rows, sim, sim_killed_after_round
 
 mlflow = pytest.importorskip("mlflow", reason="mlflow-skinny is a dependency: pip install -e .")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT, TINY, TINY_MODEL, tiny_args
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +20,7 @@ def finished_runs(tiny_root, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cmp")
     env = {**os.environ, "LUNAFL_HOME": str(tmp / "home")}
     common = ["--data", str(tiny_root), "--cache-dir", str(tmp / "cache"), "--out", str(tmp / "runs"),
-              "--image-size", "32", "--arch", "resnet10", "--batch-size", "8", "--workers", "1", "--seed", "3",
-              "--clients", "2", "--rounds", "2", "--local-epochs", "1"]
+              *tiny_args("clients", "local_epochs", *TINY_MODEL, rounds=2)]
     for name, extra in (("central", ["--mode", "centralized"]), ("fed", [])):
         p = subprocess.run([sys.executable, "sim/run.py", *common, *extra, "--run-name", name], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=400)
@@ -78,8 +77,7 @@ def test_folds_run_the_baseline_once_per_test_subset(finished_runs, tiny_root, t
     p = subprocess.run([sys.executable, "sim/compare.py", "--runs", str(finished_runs / "central"), "--labels",
                         "central", "--folds", "0,9", "--runs-dir", str(tmp_path / "folds"), "--out",
                         str(tmp_path / "report"), "--data", str(tiny_root), "--cache-dir", str(tmp_path / "cache"),
-                        "--image-size", "32", "--arch", "resnet10", "--batch-size", "8", "--workers", "1",
-                        "--seed", "3", "--clients", "2", "--rounds", "1", "--local-epochs", "1"],
+                        *tiny_args(*TINY)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     subset_of = {f.stem: int(f.parent.name.removeprefix("subset")) for f in tiny_root.glob("subset*/*.mhd")}
@@ -119,9 +117,7 @@ def test_dp_from_public_pretraining_uses_other_data_and_the_report_shows_its_sta
     monkeypatch.setenv("LUNAFL_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(compare, "PUBLIC_SCANS", 12)
     monkeypatch.setattr(compare, "PUBLIC_EPOCHS", 3)
-    common = ["--data", str(tiny_root), "--cache-dir", str(tmp_path / "cache"), "--image-size", "32", "--arch",
-              "resnet10", "--batch-size", "8", "--workers", "1", "--seed", "3", "--clients", "2", "--rounds", "1",
-              "--local-epochs", "1"]
+    common = ["--data", str(tiny_root), "--cache-dir", str(tmp_path / "cache"), *tiny_args(*TINY)]
     weights = compare.public_model("", 3, common, tmp_path / "runs")
     public_cfg = json.loads((weights.parent / "config.json").read_text())["config"]
     public_data = Path(public_cfg["data"])

@@ -15,6 +15,7 @@ from analysis import cams as explain
 from common.data.luna16 import CTScan, Geometry, Nodule
 from common.data.patches import PatchSpec, extract_hu
 from common.training.model import build_model
+from tests.helpers import TINY
 
 
 class BlobNet(nn.Module):
@@ -204,7 +205,7 @@ def tiny_run(tiny_root, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("explain")
     cfg = RunConfig(data=str(tiny_root), cache_dir=str(tmp / "cache"), out=str(tmp / "runs"), run_name="tiny",
-                    image_size=32, arch="resnet10", clients=2, rounds=1, local_epochs=1, workers=1, seed=3)
+                    **TINY)
     prepared = prepare(cfg, progress=False)
     run = RunDir.create(cfg)
     prepared.plan.save(run.path / "sites.json")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT, tiny_run_config
 
 
 def free_port() -> int:
@@ -34,7 +34,7 @@ def test_flwr_run_with_a_local_simulation_federation(tmp_path, tiny_root):
            "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()), "LUNAFL_HOME": str(tmp_path / "home")}
     out = tmp_path / "runs"
     overrides = (f'data="{tiny_root}" cache-dir="{tmp_path / "cache"}" out="{out}" run-name="flwr" '
-                 'image-size=32 arch="resnet10" clients=2 rounds=1 local-epochs=1 batch-size=8 workers=1 seed=3')
+                 + tiny_run_config())
     try:
         proc = subprocess.run([str(Path(bindir) / "flwr"), "run", ".", "local", "--stream", "--run-config",
                                overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import torch
 
-from tests.test_simulation import rows, sim
+from tests.helpers import rows, sim
 
 
 def rejected(tmp_path, name) -> dict[str, str]:
