@@ -46,13 +46,13 @@ def _config(msg: Message) -> tuple[RunConfig, ConfigRecord]:
         cfg = RunConfig.from_json(str(rec["run-config"]))
     except ValueError as exc:
         raise SiteError(f"the server's run configuration is not valid at this site: {exc}") from None
-    refuse_rehearsal(cfg)
+    asked = json.loads(str(rec["rehearsal"])) if "rehearsal" in rec else {}
+    refuse_rehearsal({**asked, **cfg.rehearsal()})
     return cfg, rec
 
 
-def refuse_rehearsal(cfg: RunConfig) -> None:
+def refuse_rehearsal(asked: dict) -> None:
     """A hospital never rehearses faults: a run that sets a simulation-only setting is refused."""
-    asked = cfg.rehearsal()
     if asked:
         raise SiteError("this site refuses the run: it sets simulation-only fault-rehearsal setting(s) "
                         + ", ".join(f"{k}={v!r}" for k, v in asked.items())

@@ -255,6 +255,11 @@ class RunConfig:
         """This configuration with every rehearsal setting at its default."""
         return dataclasses.replace(self, **{n: _DEFAULTS[n] for n in REHEARSAL})
 
+    def for_site(self) -> str:
+        """What the server sends a site: the settings of :data:`SITE_GROUPS`, as JSON."""
+        d = self.to_dict()
+        return json.dumps({k: d[k] for k in SITE_SETTINGS}, sort_keys=True)
+
     def injections(self) -> dict[str, str]:
         """``--inject`` as {site: kind}."""
         out = {}
@@ -321,6 +326,29 @@ class RunConfig:
 
 
 _DEFAULTS = {f.name: f.default for f in fields(RunConfig)}
+
+# Every setting by concern. A site receives only the groups in SITE_GROUPS: what it needs to
+# build the server's model and to train and evaluate it as the server logged; how the
+# coordinator samples, aggregates, simulates and keeps records stays with the coordinator
+# (a test checks that every setting has one group and that the hospital's code reads no other).
+GROUPS: dict[str, tuple[str, ...]] = {
+    "training": ("rounds", "local_epochs", "batch_size", "optimizer", "lr", "momentum", "train_params",
+                 "weight_decay", "lr_schedule", "warmup_passes", "site_optimizer", "fedbn", "neg_ratio", "augment",
+                 "arch", "norm", "device", "amp", "seed"),
+    "data": ("image_size", "fov_mm", "hu_min", "hu_max", "max_neg_per_scan", "workers", "on_bad_scan",
+             "val_fraction"),
+    "federation": ("strategy", "proximal_mu", "update_dtype"),  # what a site's training depends on
+    "privacy": ("dp", "dp_epsilon", "dp_delta", "dp_noise", "dp_clip", "dp_grad_sample_mode"),
+    "coordinator": ("mode", "federation", "weights", "fraction_fit", "fraction_evaluate", "site_eval",
+                    "min_fit_clients", "server_lr", "server_momentum", "trim_beta", "krum_malicious", "round_timeout",
+                    "node_timeout", "out", "run_name", "keep_checkpoints", "eval_every", "tracking", "tracking_uri",
+                    "tracking_experiment"),
+    "simulation": ("clients", "data", "cache_dir", "synthetic_scans", "synthetic_test_scans", "partition", "alpha",
+                   "test_subsets", "cpus_per_client", "gpus_per_client", "max_parallel", "ray_address",
+                   "fail_prob", "inject"),
+}
+SITE_GROUPS = ("training", "data", "federation", "privacy")
+SITE_SETTINGS = tuple(n for g in SITE_GROUPS for n in GROUPS[g])
 REHEARSAL = tuple(f.name for f in fields(RunConfig) if f.metadata.get("rehearsal"))
 
 

@@ -85,9 +85,12 @@ def setup(cfg: RunConfig, resume: str = "", progress: bool = True) -> ServerRun:
 
 
 def base_config(sr: ServerRun) -> ConfigRecord:
-    """What every message to a site carries: the whole config and, in simulation, where
-    the shared cache and the site plan are."""
-    rec: dict[str, Any] = {"run-config": sr.cfg.to_json(), "luna-fl-version": __version__}
+    """What every message to a site carries: the settings a site receives
+    (:meth:`RunConfig.for_site`) and, in simulation, where the shared cache and the site
+    plan are (and any fault rehearsal, which only sim/faults.py reads)."""
+    rec: dict[str, Any] = {"run-config": sr.cfg.for_site(), "luna-fl-version": __version__}
+    if sr.cfg.rehearsal() and sr.cfg.federation == "simulation":  # for sim/faults.py; a hospital refuses it
+        rec["rehearsal"] = json.dumps(sr.cfg.rehearsal())
     if sr.prepared is not None and sr.cfg.federation == "simulation":
         rec["plan-path"] = str(sr.run.path / "sites.json")
         rec["cache-path"] = str(sr.prepared.cache.path)

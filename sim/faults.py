@@ -20,6 +20,7 @@ Kinds (what the site does in its training call):
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -35,11 +36,14 @@ app = ClientApp()
 
 
 def _split(msg: Message) -> tuple[RunConfig, ConfigRecord]:
-    """The run's configuration, and the message's config record rewritten without rehearsal settings."""
+    """The run's configuration with its rehearsal settings, and the message's config record
+    without them (what the hospital's handlers then see)."""
     rec = msg.content["config"]
     cfg = RunConfig.from_json(str(rec["run-config"]))
-    rec["run-config"] = cfg.without_rehearsal().to_json()
-    return cfg, rec
+    asked = json.loads(str(rec["rehearsal"])) if "rehearsal" in rec else {}
+    if "rehearsal" in rec:
+        del rec["rehearsal"]
+    return cfg.replace(**{k.replace("-", "_"): v for k, v in asked.items()}), rec
 
 
 def _site_name(cfg: RunConfig, rec: ConfigRecord, context: Context) -> str:

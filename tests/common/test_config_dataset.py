@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import tomllib
 
 import numpy as np
@@ -67,3 +68,29 @@ def test_augmentation_keeps_shape_and_content():
     # flips and rotations keep the histogram; small shifts change it only at the border
     for a, b in zip(batch, out, strict=True):
         assert abs(float(a.mean()) - float(b.mean())) < 12
+
+
+def test_every_setting_has_one_concern_and_a_hospital_reads_only_what_it_receives():
+    import ast
+    from dataclasses import fields
+
+    from common.config import GROUPS, SITE_SETTINGS, RunConfig
+
+    names = [f.name for f in fields(RunConfig)]
+    grouped = [n for members in GROUPS.values() for n in members]
+    assert sorted(grouped) == sorted(names)  # each setting in exactly one group
+    # the code a hospital runs (client/ and the common/ modules it calls) reads no other setting
+    hospital = [*ROOT.glob("client/*.py"), *ROOT.glob("common/training/*.py"), *ROOT.glob("common/privacy/*.py"),
+                ROOT / "common/data/loaders.py", ROOT / "common/data/prepare.py"]
+    read = set()
+    for path in hospital:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "cfg" \
+                    and node.attr in names and path.name != "prepare.py":
+                read.add((path.name, node.attr))
+    outside = sorted((f, a) for f, a in read if a not in SITE_SETTINGS)
+    assert not outside, outside
+    cfg = RunConfig(inject="site-1:nan", tracking="mlflow", partition="scanner", lr=0.01)
+    sent = json.loads(cfg.for_site())
+    assert set(sent) == set(SITE_SETTINGS) and sent["lr"] == 0.01
+    assert not {"inject", "fail_prob", "tracking", "partition", "data", "out"} & set(sent)

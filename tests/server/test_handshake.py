@@ -158,3 +158,21 @@ def test_settings_out_of_range_are_refused_naming_the_option():
                       (dict(trim_beta=0.5), "--trim-beta"), (dict(round_timeout=-1.0), "--round-timeout")):
         with pytest.raises(ValueError, match=name):
             RunConfig(**bad)
+
+
+def test_a_hospital_refuses_rehearsal_settings_even_inside_a_tampered_run_configuration(server_run):
+    """A server that sends rehearsal settings inside the run configuration itself (a modified
+    server; ours sends a site only the settings it receives) is refused all the same."""
+    from flwr.app import ConfigRecord
+    from flwr.common import MessageType
+
+    import common
+
+    rogue = server_run.cfg.replace(fail_prob=0.5)
+    rec = ConfigRecord({"run-config": rogue.to_json(), "luna-fl-version": common.__version__,
+                        "plan-path": str(server_run.run.path / "sites.json"),
+                        "cache-path": str(server_run.prepared.cache.path)})
+    msg = Message(RecordDict({"config": rec}), dst_node_id=10, message_type=MessageType.QUERY)
+    reply = InProcessGrid(nodes(1))._deliver(msg)
+    assert reply.has_error() and "refuses the run" in reply.error.reason and "fail-prob=0.5" in reply.error.reason
+    assert "inject" not in server_run.cfg.for_site() and "fail_prob" not in server_run.cfg.for_site()
