@@ -320,7 +320,7 @@ class RunConfig:
         return dataclasses.replace(self, **changes)
 
 
-_DEFAULTS = {f.name: f.default for f in fields(RunConfig)}
+_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(RunConfig)}
 REHEARSAL = tuple(f.name for f in fields(RunConfig) if f.metadata.get("rehearsal"))
 
 
@@ -329,7 +329,7 @@ def _kebab(name: str) -> str:
 
 
 def _coerce(f: dataclasses.Field[Any], value: Any) -> Any:
-    kind = type(f.default)
+    kind: type[Any] = type(f.default)
     if kind is bool:
         if isinstance(value, str):
             if value.lower() in ("1", "true", "yes", "on"):
