@@ -17,10 +17,11 @@ import json
 import logging
 import os
 import time
+from typing import cast
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # a hospital's node does not phone home
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, MetricRecordValues, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
 from common import __version__  # noqa: E402
@@ -37,7 +38,7 @@ app = ClientApp()
 
 def _config(msg: Message) -> tuple[RunConfig, ConfigRecord]:
     """The run configuration the server sent, checked before this site does anything with it."""
-    rec = msg.content["config"]
+    rec = cast(ConfigRecord, msg.content["config"])  # RecordDict items are typed as any kind of record
     theirs = str(rec.get("luna-fl-version", "")) or "an unknown version (older than 0.1.0)"
     if theirs != __version__:
         raise SiteError(f"the server runs luna-fl {theirs}, this site runs luna-fl {__version__}: "
@@ -74,7 +75,7 @@ def site_data(cfg: RunConfig, rec: ConfigRecord, context: Context) -> SiteData:
 
 
 def _arrays_in(msg: Message, cfg: RunConfig) -> dict:
-    return wire.decode(wire.views(msg.content["arrays"]), cfg.update_dtype)
+    return wire.decode(wire.views(cast(ArrayRecord, msg.content["arrays"])), cfg.update_dtype)
 
 
 def _validation(cfg: RunConfig, data: SiteData, arrays: dict, server_round: int) -> dict:
@@ -113,12 +114,12 @@ def hello(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     started = time.time()
     cfg, rec = _config(msg)
-    server_round = int(rec["server-round"])
+    server_round = int(wire.scalar(rec["server-round"]))
     data = site_data(cfg, rec, context)
-    deadline = float(rec["deadline"]) if "deadline" in rec else None
+    deadline = float(wire.scalar(rec["deadline"])) if "deadline" in rec else None
     incoming = _arrays_in(msg, cfg)
     content, val_seconds = {}, 0.0
-    if int(rec.get("evaluate-first", 0)):  # --site-eval fused: the previous round's global model
+    if int(wire.scalar(rec.get("evaluate-first", 0))):  # --site-eval fused: the previous round's global model
         t_val = time.perf_counter()
         content["val"] = ConfigRecord(_validation(cfg, data, incoming, server_round - 1))
         val_seconds = time.perf_counter() - t_val
@@ -133,15 +134,16 @@ def train(msg: Message, context: Context) -> Message:
     release_freed_memory()  # an idle site should not hold its training peak
     metrics["started-at"] = started  # with finished-at: where a round's time goes (sim/bench.py)
     metrics["finished-at"] = time.time()
-    return _reply(msg, {"arrays": record, "metrics": MetricRecord(metrics), "site": ConfigRecord({"site": data.name}),
-                        **content})
+    # Flower's MetricRecord takes a dict (invariant in its values), not a Mapping
+    return _reply(msg, {"arrays": record, "metrics": MetricRecord(cast(dict[str, MetricRecordValues], metrics)),
+                        "site": ConfigRecord({"site": data.name}), **content})
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     cfg, rec = _config(msg)
     data = site_data(cfg, rec, context)
-    metrics = _validation(cfg, data, _arrays_in(msg, cfg), int(rec.get("server-round", 0)))
+    metrics = _validation(cfg, data, _arrays_in(msg, cfg), int(wire.scalar(rec.get("server-round", 0))))
     metrics["unit-weight"] = 1.0
     release_freed_memory()
     return _reply(msg, {"metrics": MetricRecord(metrics), "site": ConfigRecord({"site": data.name})})

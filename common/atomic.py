@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import IO, Any
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], None], binary: bool = False) -> None:
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], object], binary: bool = False) -> None:
     """Call ``write(fh)`` on a temporary file in the same folder, fsync, then ``os.replace``."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -325,7 +325,7 @@ class RunConfig:
         return dataclasses.replace(self, **changes)
 
 
-_DEFAULTS = {f.name: f.default for f in fields(RunConfig)}
+_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(RunConfig)}
 
 # Every setting by concern. A site receives only the groups in SITE_GROUPS: what it needs to
 # build the server's model and to train and evaluate it as the server logged; how the
@@ -357,7 +357,7 @@ def _kebab(name: str) -> str:
 
 
 def _coerce(f: dataclasses.Field[Any], value: Any) -> Any:
-    kind = type(f.default)
+    kind: type[Any] = type(f.default)
     if kind is bool:
         if isinstance(value, str):
             if value.lower() in ("1", "true", "yes", "on"):

@@ -22,14 +22,14 @@ def setup_logging(verbose: bool = False) -> None:
     root = logging.getLogger()
     root.setLevel(logging.DEBUG if verbose else logging.WARNING)
     if not any(getattr(h, "_luna_console", False) for h in root.handlers):
-        h = logging.StreamHandler(sys.stderr)
+        h: logging.Handler = logging.StreamHandler(sys.stderr)
         h.setFormatter(logging.Formatter(FORMAT, "%H:%M:%S"))
         h._luna_console = True  # type: ignore[attr-defined]
         root.addHandler(h)
     for name in ("ray", "filelock", "matplotlib", "PIL"):
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
     # Flower keeps its own console handler and logs at DEBUG; quiet it, don't echo it twice.
-    import flwr.supercore.logger  # noqa: F401 - creates Flower's handler, which we then filter
+    import flwr.supercore.logger as _flwr_logger  # noqa: F401 - creates Flower's handler, which we then filter
 
     flwr = logging.getLogger("flwr")
     flwr.propagate = False

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from common.atomic import atomic_write, atomic_write_json, json_default
+from common.atomic import atomic_write, atomic_write_json, atomic_write_text, json_default
 from common.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -195,8 +195,7 @@ class RunDir:
         """Drop rows of rounds after ``rnd`` (written before a crash, not checkpointed)."""
         for path in (self.events_path, self.rounds_path):
             rows = [r for r in self.read_jsonl(path) if r.get("round", 0) <= rnd]
-            atomic_write(path, lambda fh, rows=rows: fh.write("".join(
-                json.dumps(r, sort_keys=True, default=json_default) + "\n" for r in rows)))
+            atomic_write_text(path, "".join(json.dumps(r, sort_keys=True, default=json_default) + "\n" for r in rows))
 
     # ---- checkpoints ----
     def save_checkpoint(self, rnd: int, model_state: dict[str, torch.Tensor], cfg: RunConfig,

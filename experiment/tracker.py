@@ -66,7 +66,7 @@ class RunTracker:
         return rnd == 0 or rnd % self.cfg.eval_every == 0 or rnd == self.cfg.rounds
 
     def end_round(self, rnd: int, model: torch.nn.Module, row: dict[str, Any],
-                  save_checkpoint: Callable[[int, dict], None] | None = None,
+                  save_checkpoint: Callable[[int, dict], object] | None = None,
                   finalize: Callable[[], dict[str, Any]] | None = None) -> dict[str, float]:
         """Evaluate (if due), then save the checkpoint and write the round row; return test metrics.
 

@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -120,24 +120,24 @@ def handshake(grid: Grid, sr: ServerRun, server_signature: str
     for r in replies:
         node = r.metadata.src_node_id
         if r.has_error():
-            excluded[node] = _short(r.error.reason, 600)
+            excluded[node] = _short(cast(str, r.error.reason), 600)  # Flower types it str | None
             log.warning("node %d cannot take part and is left out of this run: %s", node, excluded[node])
             continue
-        rec = r.content["site"]
+        rec = cast(ConfigRecord, r.content["site"])  # the site's reply: a ConfigRecord and a MetricRecord
         site = str(rec["site"])
         if site in info:
             problems.append(f"two nodes call themselves {site}")
         node_sites[node] = site
-        metrics = {k: float(v) for k, v in r.content["metrics"].items()}
+        metrics = {k: float(wire.scalar(v)) for k, v in cast(MetricRecord, r.content["metrics"]).items()}
         skipped = json.loads(str(rec.get("skipped-scans", "{}")))
         info[site] = {"node": node, **metrics, "skipped_scans": skipped}
         for uid, why in sorted(skipped.items()):
             log.warning("[site %s] skipped scan %s: %s", site, uid, why)
         if rec["model-signature"] != server_signature:
-            problems.append(f"{site} builds a different model (signature {rec['model-signature']}) than the "
+            problems.append(f"{site} builds a different model (signature {rec['model-signature']!s}) than the "
                             f"server (signature {server_signature}, --arch {cfg.arch} --norm {cfg.norm})")
-        if int(rec["patch-size"]) != cfg.image_size:
-            problems.append(f"{site} has patches of {rec['patch-size']} px, the server uses --image-size "
+        if int(wire.scalar(rec["patch-size"])) != cfg.image_size:
+            problems.append(f"{site} has patches of {rec['patch-size']!s} px, the server uses --image-size "
                             f"{cfg.image_size}")
         for pin in filter(None, str(rec["pinned"]).split(",")):
             key, value = pin.split("=", 1)
@@ -195,7 +195,7 @@ def federate(grid: Grid, sr: ServerRun) -> dict[str, Any]:
                   on_event=tracker.event, excluded=set(excluded))
     slots = sr.slots or len(node_sites)
 
-    def snapshot() -> Callable[[int, dict], None]:
+    def snapshot() -> Callable[[int, dict], object]:
         """Copy the model and strategy state now; the returned writer may run later."""
         state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         strat = export_state(strategy)

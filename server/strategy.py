@@ -24,6 +24,7 @@ import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -78,7 +79,7 @@ def nan_weighted_mean(records: list[RecordDict], weight_key: str) -> MetricRecor
 def weighted_average(records: list[RecordDict], weight_key: str) -> ArrayRecord:
     """Flower's ``aggregate_arrayrecords`` (same float32 arithmetic, same result) reading
     each reply's weights in place instead of copying ~94 MB out of every message first."""
-    weights = [float(next(iter(r.metric_records.values()))[weight_key]) for r in records]
+    weights = [float(wire.scalar(next(iter(r.metric_records.values()))[weight_key])) for r in records]
     total = sum(weights)
     out: dict[str, np.ndarray] = {}
     for record, w in zip(records, weights, strict=True):
@@ -162,6 +163,7 @@ def make_strategy(cfg: RunConfig, n_sites: int) -> Strategy:
     """The Flower strategy named by ``cfg.strategy`` (optionally inside central DP)."""
     # Rounds go ahead with whoever is connected, down to the quorum; the handshake has
     # already waited for every site once, and the Guard names the ones that drop out.
+    common: dict[str, Any]  # keyword arguments of differing types, for every strategy
     common = dict(fraction_train=cfg.fraction_fit, fraction_evaluate=cfg.fraction_evaluate,
                   min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=quorum(cfg, n_sites),
                   train_metrics_aggr_fn=nan_weighted_mean, evaluate_metrics_aggr_fn=nan_weighted_mean,
@@ -271,7 +273,8 @@ class Guard(Strategy):
         wait_for_nodes(grid, expected, self.cfg.node_timeout, at_least=self.inner_min_available(),
                        excluded=self.excluded)
         random.seed(f"{self.cfg.seed}:{rnd}")  # Flower samples with the global `random`
-        return _SiteOrderedGrid(grid, self.site_of, self.excluded)
+        # a duck-typed view (__getattr__ forwards the rest of the Grid), not a Grid subclass
+        return cast(Grid, _SiteOrderedGrid(grid, self.site_of, self.excluded))
 
     @property
     def fused_eval(self) -> bool:
@@ -357,8 +360,9 @@ class Guard(Strategy):
         for msg in replies:
             site = self.sender(msg, rnd, "train")
             if msg.has_error():
-                lg.failed[site] = _short(msg.error.reason)
-                log.warning("[round %d] [site %s] failed: %s", rnd, site, _short(msg.error.reason))
+                # Flower types an Error's reason str | None
+                lg.failed[site] = _short(cast(str, msg.error.reason))
+                log.warning("[round %d] [site %s] failed: %s", rnd, site, _short(cast(str, msg.error.reason)))
                 self.on_event("failure", rnd, site, {"phase": "train", "reason": msg.error.reason})
                 continue
             site, reason = self.validate(msg)
@@ -388,7 +392,7 @@ class Guard(Strategy):
                               f"sites, at least {need} needed (--min-fit-clients); failed: "
                               f"{_names(lg.failed)}; rejected: {_names(lg.rejected)}")
         accepted.sort(key=lambda sm: sm[0])
-        arrays, metrics = self.inner.aggregate_train(rnd, [m for _, m in accepted])
+        arrays, aggregated = self.inner.aggregate_train(rnd, [m for _, m in accepted])
         for _, msg in accepted:  # Flower's loop holds this round's replies through the next round:
             _drop_weights(msg)  # let their ~100 MB each go now
         if arrays is None:
@@ -405,7 +409,7 @@ class Guard(Strategy):
             ref = self.reference[k].dtype
             out[k] = np.asarray(np.rint(a) if np.issubdtype(ref, np.integer) else a).astype(ref, copy=False)
         lg.trained = time.time()
-        return wire.to_record(out), metrics
+        return wire.to_record(out), aggregated
 
     # ---- evaluation ----
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -426,7 +430,8 @@ class Guard(Strategy):
         for msg in replies:
             site = self.sender(msg, rnd, "evaluate")
             if msg.has_error():
-                log.warning("[round %d] [site %s] evaluation failed: %s", rnd, site, _short(msg.error.reason))
+                log.warning("[round %d] [site %s] evaluation failed: %s", rnd, site,
+                            _short(cast(str, msg.error.reason)))
                 self.on_event("failure", rnd, site, {"phase": "evaluate", "reason": msg.error.reason})
                 continue
             metrics = {k: float(v) for k, v in next(iter(msg.content.metric_records.values())).items()

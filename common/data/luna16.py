@@ -310,8 +310,8 @@ def load_luna16(root: Path | str) -> Luna16:
         unknown = sorted(set(candidates.seriesuid[~on_disk]))
         not_listed = [u for u in unknown if u not in listed]
         if not_listed:
-            row = int(np.flatnonzero(candidates.seriesuid == not_listed[0])[0]) + 2
-            raise DataError(f"{cand_path}:{row}: seriesuid {not_listed[0]} is not a scan under {root}"
+            lineno = int(np.flatnonzero(candidates.seriesuid == not_listed[0])[0]) + 2
+            raise DataError(f"{cand_path}:{lineno}: seriesuid {not_listed[0]} is not a scan under {root}"
                             f" ({len(not_listed)} such seriesuid(s)); candidates must refer to scans in "
                             "subset*/ (or to scans listed in seriesuids.csv that are not downloaded)")
         log.warning("%d scan(s) listed in seriesuids.csv are not on disk; their %d candidates are ignored",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -81,7 +82,7 @@ class TestSplit:
         ci = bootstrap_ci(labels, logits, self.seriesuid, n_boot=n_boot, seed=seed)
         res = self.cpm(logits, n_bootstrap=n_boot, seed=seed)
         froc.write_submission(out / "submission.csv", self.marks(logits))
-        summary = {
+        summary: dict[str, Any] = {
             "metrics": point,
             "ci95": {k: list(v) for k, v in ci.items()},
             "froc": res.to_dict() if res is not None else None,

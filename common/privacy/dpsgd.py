@@ -34,6 +34,7 @@ import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -41,6 +42,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from common.atomic import atomic_write_json
+
+if TYPE_CHECKING:
+    from opacus import PrivacyEngine
 
 log = logging.getLogger(__name__)
 
@@ -78,15 +82,16 @@ def conv2d_norm_sample(layer: nn.Conv2d, activations: list[torch.Tensor], backpr
     T, p = A.shape[-1], A.shape[1]
     B = backprops.reshape(n, -1, T)  # (n, o, T)
     o = B.shape[1]
+    # torch's stubs type a layer's weight and bias as Tensor; they are Parameters (Opacus' keys)
     out: dict[nn.Parameter, torch.Tensor] = {}
     if layer.weight.requires_grad:
         if T * T * (p + o) < o * p * T:
             sq = (torch.bmm(A.transpose(1, 2), A) * torch.bmm(B.transpose(1, 2), B)).sum((1, 2))
         else:
             sq = torch.bmm(B, A.transpose(1, 2)).pow(2).sum((1, 2))
-        out[layer.weight] = sq.clamp_min(0).sqrt()
+        out[cast(nn.Parameter, layer.weight)] = sq.clamp_min(0).sqrt()
     if layer.bias is not None and layer.bias.requires_grad:
-        out[layer.bias] = B.sum(2).norm(dim=1)
+        out[cast(nn.Parameter, layer.bias)] = B.sum(2).norm(dim=1)
     return out
 
 
@@ -122,11 +127,11 @@ def clipped_signal(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Ten
         total = [torch.zeros_like(p) for p in params]
         for i in range(len(y)):
             grads = torch.autograd.grad(loss_fn(model(x[i:i + 1]).reshape(-1), y[i:i + 1].float()), params)
-            n = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
+            n = float(torch.sqrt(cast(torch.Tensor, sum((g.double() ** 2).sum() for g in grads))))
             norms.append(n)
             for t, g in zip(total, grads, strict=True):
                 t.add_(g, alpha=min(1.0, clip / max(n, 1e-12)) / len(y))
-        signals.append(float(torch.sqrt(sum((t.double() ** 2).sum() for t in total))))
+        signals.append(float(torch.sqrt(cast(torch.Tensor, sum((t.double() ** 2).sum() for t in total)))))
     return {"median_patch_grad_norm": float(np.median(norms)),
             "share_clipped": float(np.mean([n > clip for n in norms])),
             "signal": float(np.mean(signals))}
@@ -227,7 +232,7 @@ class LocalDP:
             self.ledger.noise_multiplier = self.ledger.noise_multiplier or sigma
         else:
             self.ledger = Ledger(site, delta, sigma, q, clip, planned, budget)
-        self.engine = None
+        self.engine: PrivacyEngine | None = None
         self.model: nn.Module | None = None
 
     def check_budget(self, server_round: int) -> None:

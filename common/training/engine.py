@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from typing import cast
 
 import numpy as np
 import torch
@@ -57,7 +58,8 @@ def proximal_term(model: nn.Module, mu: float) -> Callable[[nn.Module], torch.Te
 
     def term(m: nn.Module) -> torch.Tensor:
         params = [p for p in m.parameters() if p.requires_grad]
-        return (mu / 2) * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+        # sum() of tensors is typed Tensor | int (its start value 0)
+        return cast(torch.Tensor, (mu / 2) * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True)))
 
     return term
 

@@ -18,6 +18,7 @@ import logging
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -129,7 +130,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def norm_keys(model: nn.Module) -> list[str]:
     """State keys of the normalisation layers (weights, biases, running statistics):
     what FedBN keeps at each site."""
-    out = []
+    out: list[str] = []
     for name, m in strip_prefixes(dict(model.named_modules())).items():
         if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
             out += [f"{name}.{k}" for k in m.state_dict()]
@@ -138,7 +139,7 @@ def norm_keys(model: nn.Module) -> list[str]:
 
 def signature(model_or_state: nn.Module | Mapping[str, object]) -> str:
     """Hash of parameter names and shapes: equal signatures mean weights can be exchanged."""
-    state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
+    state: Mapping[str, Any] = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
     h = hashlib.sha256()
     for k in sorted(state):
         h.update(f"{k}:{tuple(np.shape(state[k]))};".encode())

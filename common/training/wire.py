@@ -17,7 +17,7 @@ import math
 from collections.abc import Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, ConfigRecordValues, ConfigScalar
 
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -92,7 +92,8 @@ def to_array(v: np.ndarray) -> Array:
     v = v if v.flags.c_contiguous else v.copy(order="C")  # (np.ascontiguousarray makes 0-d 1-d)
     head = io.BytesIO()
     np.lib.format.write_array_header_1_0(head, np.lib.format.header_data_from_array_1_0(v))
-    payload = memoryview(v).cast("B") if v.size else b""
+    # numpy's stubs declare ndarray.__buffer__ only for Python >= 3.12 (we target 3.11)
+    payload = memoryview(v).cast("B") if v.size else b""  # type: ignore[arg-type]
     return Array(dtype=str(v.dtype), shape=tuple(v.shape), stype="numpy.ndarray",
                  data=b"".join([head.getvalue(), payload]))
 
@@ -103,6 +104,19 @@ def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
 
 def views(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: view(v) for k, v in record.items()}
+
+
+def scalar(value: ConfigRecordValues) -> ConfigScalar:
+    """One value of a Flower record (its values are typed as scalars or lists) that must be a scalar.
+
+    Raises
+    ------
+    TypeError
+        If ``value`` is a list (a malformed message: ``int()`` or ``float()`` of it would fail too).
+    """
+    if isinstance(value, list):
+        raise TypeError(f"expected a single value in the record, got a list of {len(value)}")
+    return value
 
 
 def nbytes(arrays: Mapping[str, np.ndarray]) -> int:
