@@ -24,6 +24,7 @@ from common.cache import PatchCache, open_cache
 from common.config import RunConfig
 from common.dataset import epoch_size, eval_loader, train_loader
 from common.engine import evaluate, prepare, proximal_term, train_one_epoch
+from common.metrics import threshold_counts
 from common.partition import SitePlan
 from common.privacy import LocalDP
 
@@ -198,9 +199,11 @@ def misbehave(kind: str, local: dict[str, np.ndarray], global_: dict[str, np.nda
     return out
 
 
-def evaluate_site(cfg: RunConfig, data: SiteData, arrays: dict[str, np.ndarray]) -> dict[str, float]:
+def evaluate_site(cfg: RunConfig, data: SiteData, arrays: dict[str, np.ndarray]) -> dict[str, float | list[int]]:
+    """The global model on this site's validation patches: metrics, and per-threshold counts
+    from which the server picks the operating point (the predictions stay here)."""
     device = model_lib.resolve_device(cfg.device)
     model = Warm.model(cfg, device)
     model_lib.set_arrays(model, arrays)
-    metrics, _, _ = evaluate(model, eval_loader(data.cache, data.val), device, cfg.amp)
-    return metrics
+    metrics, logits, labels = evaluate(model, eval_loader(data.cache, data.val), device, cfg.amp)
+    return {**metrics, **threshold_counts(labels, logits)}

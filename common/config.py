@@ -129,6 +129,9 @@ class RunConfig:
     out: str = _f("runs", "folder that receives one results folder per run")
     run_name: str = _f("", "name of the results folder (empty = made from mode, strategy and time)")
     keep_checkpoints: int = _f(2, "global-model checkpoints kept (the newest N)")
+    op_rule: str = _f("youden", "how the operating point is chosen from the sites' summed validation counts "
+                      "(centralized: its pooled validation split): youden (max recall + specificity - 1) or f1",
+                      choices=("youden", "f1"))
     eval_every: int = _f(1, "evaluate on the test split every N rounds (and always after the last)")
 
     def __post_init__(self) -> None:
