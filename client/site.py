@@ -27,6 +27,7 @@ from common.config import RunConfig
 from common.data.cache import PatchCache, open_cache
 from common.data.loaders import epoch_size, eval_loader, train_loader
 from common.data.partition import SitePlan
+from common.evaluation.metrics import threshold_counts
 from common.privacy.dpsgd import LocalDP
 from common.training import model as model_lib
 from common.training.engine import evaluate, prepare, proximal_term, train_one_epoch
@@ -253,9 +254,10 @@ def local_dp(cfg: RunConfig, data: SiteData, batches_per_epoch: int) -> LocalDP:
 
 
 def evaluate_site(cfg: RunConfig, data: SiteData, arrays: dict[str, np.ndarray], server_round: int = 0
-                  ) -> dict[str, float]:
-    """The model of round ``server_round`` on this site's validation patches; with
-    ``--fedbn`` through the site's own normalisation layers of that round."""
+                  ) -> dict[str, float | list[int]]:
+    """The model of round ``server_round`` on this site's validation patches (with ``--fedbn``
+    through the site's own normalisation layers of that round): metrics, and per-threshold
+    counts from which the server picks the operating point (the predictions stay here)."""
     device = model_lib.resolve_device(cfg.device)
     model = WARM.model(cfg, device)
     model_lib.set_arrays(model, arrays)
@@ -263,5 +265,5 @@ def evaluate_site(cfg: RunConfig, data: SiteData, arrays: dict[str, np.ndarray],
     saved = store.load_before(server_round + 1) if store is not None else None
     if saved is not None:
         model_lib.set_arrays(model, {k: v.numpy() for k, v in saved["norms"].items()})
-    metrics, _, _ = evaluate(model, eval_loader(data.cache, data.val), device, cfg.amp)
-    return metrics
+    metrics, logits, labels = evaluate(model, eval_loader(data.cache, data.val), device, cfg.amp)
+    return {**metrics, **threshold_counts(labels, logits)}

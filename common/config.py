@@ -147,6 +147,9 @@ class RunConfig:
     out: str = _f("runs", "folder that receives one results folder per run")
     run_name: str = _f("", "name of the results folder (empty = made from mode, strategy and time)")
     keep_checkpoints: int = _f(2, "global-model checkpoints kept (the newest N)")
+    op_rule: str = _f("youden", "how the operating point is chosen from the sites' summed validation counts "
+                      "(centralized: its pooled validation split): youden (max recall + specificity - 1) or f1",
+                      choices=("youden", "f1"))
     eval_every: int = _f(1, "evaluate on the test split every N rounds (and always after the last)")
     # --- experiment tracking (never needed to train; a results folder is always written) ---
     tracking: str = _f("off", "also log the run to an experiment tracker: off or mlflow (parameters, per-round "
@@ -342,7 +345,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "coordinator": ("mode", "federation", "weights", "fraction_fit", "fraction_evaluate", "site_eval",
                     "min_fit_clients", "server_lr", "server_momentum", "trim_beta", "krum_malicious", "round_timeout",
                     "node_timeout", "out", "run_name", "keep_checkpoints", "eval_every", "tracking", "tracking_uri",
-                    "tracking_experiment"),
+                    "tracking_experiment", "op_rule"),
     "simulation": ("clients", "data", "cache_dir", "synthetic_scans", "synthetic_test_scans", "partition", "alpha",
                    "test_subsets", "cpus_per_client", "gpus_per_client", "max_parallel", "ray_address",
                    "fail_prob", "inject"),

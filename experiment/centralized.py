@@ -16,11 +16,12 @@ from typing import Any
 import torch
 
 from common.config import RunConfig
-from common.data.loaders import epoch_size, train_loader
+from common.data.loaders import epoch_size, eval_loader, train_loader
 from common.data.prepare import Prepared
+from common.evaluation.metrics import choose_threshold, threshold_counts
 from common.evaluation.test_split import TestSplit
 from common.training import model as model_lib
-from common.training.engine import prepare, train_one_epoch
+from common.training.engine import evaluate, prepare, train_one_epoch
 from experiment.results import RunDir
 from experiment.tracker import RunTracker
 
@@ -47,6 +48,20 @@ def run_centralized(cfg: RunConfig, run: RunDir, prepared: Prepared, checkpoint:
     log.info("centralized baseline: %d pooled training scans, %d examples per epoch, %d epochs",
              len(pooled), epoch_size(prepared.cache, positions, cfg.neg_ratio), cfg.rounds * cfg.local_epochs)
     tracker = RunTracker(cfg, run, TestSplit.from_prepared(prepared), device, start)
+    # the sites' validation scans, pooled: where the baseline picks its operating point, by
+    # the same counts and rule the federation uses on the sites' summed counts
+    val_loader = eval_loader(prepared.cache, prepared.cache.rows_of(
+        sorted(s for site in prepared.plan.sites for s in site.val)), 64)
+
+    def operating_point(rnd: int) -> dict[str, Any]:
+        if not tracker.due(rnd):
+            return {}
+        _, logits, labels = evaluate(model, val_loader, device, cfg.amp)
+        op = choose_threshold(threshold_counts(labels, logits), cfg.op_rule)
+        if op is None:
+            return {}
+        return {"op_threshold": op["threshold"], "op_rule": cfg.op_rule, "op_model_round": rnd,
+                **{f"op_{k}": v for k, v in op.items() if k not in ("threshold", "rule")}}
 
     def snapshot():
         """Copy model and optimizer state now; the returned writer may run later."""
@@ -57,7 +72,7 @@ def run_centralized(cfg: RunConfig, run: RunDir, prepared: Prepared, checkpoint:
 
     def train() -> dict[str, Any]:
         if start == 0:
-            tracker.end_round(0, model, {})
+            tracker.end_round(0, model, operating_point(0))
         for rnd in range(start + 1, cfg.rounds + 1):
             t0 = time.time()
             stats = []
@@ -71,7 +86,8 @@ def run_centralized(cfg: RunConfig, run: RunDir, prepared: Prepared, checkpoint:
             seen = sum(s["examples"] for s in stats)
             secs = sum(s["seconds"] for s in stats)
             row = {"wall_seconds": time.time() - t0, "train_loss": sum(s["loss"] * s["examples"] for s in stats) / seen,
-                   "train_seconds": secs, "images_per_s": seen / secs, "train_examples": seen}
+                   "train_seconds": secs, "images_per_s": seen / secs, "train_examples": seen,
+                   **operating_point(rnd)}
             tracker.end_round(rnd, model, row, snapshot())
         return tracker.finish(model, {"mode": "centralized", "pooled_scans": len(pooled)})
 

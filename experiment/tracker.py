@@ -32,6 +32,7 @@ from analysis.plots import learning_curves, roc_curves, site_curves
 from common.atomic import atomic_write_json
 from common.config import RunConfig
 from common.evaluation import froc
+from common.evaluation.metrics import OP_METRICS, binary_metrics
 from common.evaluation.test_split import TestSplit
 from experiment.results import NOTICE, RunDir
 
@@ -49,6 +50,7 @@ class RunTracker:
         self.t_start = time.time()
         self.last: tuple[np.ndarray, np.ndarray] | None = None  # test logits, labels of the newest eval
         self.last_round = -1
+        self.history: dict[int, np.ndarray] = {}  # test logits of the newest evaluated rounds (operating point)
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
         self.pending: list[Future] = []
         self.sink = MlflowSink(cfg, run, start_round) if cfg.tracking == "mlflow" else None
@@ -80,9 +82,11 @@ class RunTracker:
         if self.tester is not None and self.due(rnd):
             metrics, logits, labels = self.tester.run(model, self.device, self.cfg.amp)
             self.last, self.last_round = (logits, labels), rnd
+            self.history = {r: z for r, z in self.history.items() if r >= rnd - 2} | {rnd: logits}
             test = metrics
         row = {"round": rnd, "data_passes": self.cfg.data_passes(rnd), "time": time.time(), **row,
                **{f"test_{k}": v for k, v in test.items()}}
+        row.update(self._at_operating_point(row))
         if finalize is not None:
             row.update(finalize())
         with self._lock:
@@ -100,6 +104,15 @@ class RunTracker:
 
         self.pending.append(self.writer.submit(write))
         return test
+
+    def _at_operating_point(self, row: dict[str, Any]) -> dict[str, float]:
+        """Test metrics of the model the operating point was chosen for (round ``op_model_round``:
+        with fused site evaluation the previous round's), at that threshold."""
+        rnd = row.get("op_model_round")
+        if "op_threshold" not in row or rnd not in self.history or self.last is None:
+            return {}
+        m = binary_metrics(self.last[1], self.history[rnd], row["op_threshold"])
+        return {f"test_op_{k}": m[k] for k in OP_METRICS}
 
     def _raise_writer_error(self, wait: bool = False) -> None:
         still = []
@@ -130,6 +143,11 @@ class RunTracker:
         if "test_roc_auc" in row:
             parts.append(f"test AUC {row['test_roc_auc']:.3f} CPM {row.get('test_cpm', float('nan')):.3f} "
                          f"acc {row['test_accuracy']:.3f}")
+        if "test_op_recall" in row:
+            of = row["op_model_round"]
+            which = row["op_rule"] if of == rnd else f"{row['op_rule']}, round {of} model"
+            parts.append(f"at threshold {row['op_threshold']:g} ({which}): acc {row['test_op_accuracy']:.3f} "
+                         f"recall {row['test_op_recall']:.3f} precision {row['test_op_precision']:.3f}")
         if row.get("dp_epsilon_max") is not None:
             parts.append(f"max site epsilon {row['dp_epsilon_max']:.2f}")
         if row.get("dp_central_epsilon") is not None:
@@ -153,7 +171,10 @@ class RunTracker:
                 _, logits, labels = self.tester.run(model, self.device, self.cfg.amp)
                 self.last = (logits, labels)
             logits, labels = self.last
-            summary["test"] = self.tester.final(logits, labels, self.run.path, seed=self.cfg.seed)
+            op = next((r for r in reversed(self.run.rounds()) if "op_threshold" in r), None)
+            summary["test"] = self.tester.final(logits, labels, self.run.path, seed=self.cfg.seed, operating_point=op)
+            if summary["test"].get("operating_point"):
+                log.info(operating_point_line(summary["test"]))
             self.run.save_predictions(self.tester.seriesuid, self.tester.xyz, labels, logits)
             roc_curves({self.run.path.name: (labels, logits)}, self.run.path / "roc.png")
             res = self.tester.cpm(logits)
@@ -174,6 +195,18 @@ class RunTracker:
         """The run stopped with an error: mark the tracked run failed (bounded wait)."""
         if self.sink is not None:
             self.sink.close("FAILED", timeout=10.0)
+
+
+def operating_point_line(test: dict[str, Any]) -> str:
+    """One line, in the reference workload's form: accuracy, recall, precision at the chosen
+    operating point, and at 0.5."""
+    op, m = test["operating_point"], test["metrics"]
+    at = op["metrics"]
+    return (f"final model, test split ({test['test_scans']} scans, {test['class_ratio'].split(' ')[0]}): "
+            f"{100 * at['accuracy']:.1f}% accuracy, {100 * at['recall']:.1f}% recall, "
+            f"{100 * at['precision']:.1f}% precision at threshold {op['threshold']:g} ({op['rule']}, chosen from "
+            f"{op['chosen_from']}); at 0.5: {100 * m['accuracy']:.1f}% / {100 * m['recall']:.1f}% / "
+            f"{100 * m['precision']:.1f}%")
 
 
 def _hms(seconds: float) -> str:

@@ -25,6 +25,7 @@ from common.config import RunConfig
 from common.data.loaders import epoch_size
 from common.data.partition import format_summary, save_summary, summary_rows
 from common.data.prepare import Prepared, prepare
+from common.evaluation.metrics import choose_threshold, sum_counts
 from common.evaluation.test_split import TestSplit
 from common.training import model as model_lib
 from common.training import wire
@@ -305,6 +306,21 @@ def round_row(guard: Guard, rnd: int) -> dict[str, Any]:
         row["val_loss"] = float(np.average([m["loss"] for m in evaluated.values()],
                                            weights=[m.get("num-examples", 1.0) for m in evaluated.values()]))
         row["val_model_round"] = val_round
+    row.update(operating_point(guard.rounds[val_round].val_counts if val_round in guard.rounds else {},
+                               guard.cfg.op_rule, val_round))
     return row
+
+
+def operating_point(site_counts: dict[str, dict], rule: str, model_round: int) -> dict[str, Any]:
+    """The federation's operating point for round ``model_round``'s model, from nothing but
+    the sites' per-threshold validation counts (their sum; see common.evaluation.metrics)."""
+    if not site_counts:
+        return {}
+    counts = sum_counts([site_counts[s] for s in sorted(site_counts)])
+    op = choose_threshold(counts, rule)
+    if op is None:
+        return {}
+    return {"op_threshold": op["threshold"], "op_rule": rule, "op_model_round": model_round,
+            "op_sites": sorted(site_counts), **{f"op_{k}": v for k, v in op.items() if k not in ("threshold", "rule")}}
 
 

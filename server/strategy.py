@@ -44,6 +44,7 @@ from flwr.serverapp.strategy import (
 )
 
 from common.config import RunConfig
+from common.evaluation.metrics import COUNT_KEYS
 from common.training import wire
 
 log = logging.getLogger(__name__)
@@ -224,6 +225,9 @@ class RoundLog:
     sampled: list[str] = field(default_factory=list)
     train: dict[str, dict[str, float]] = field(default_factory=dict)
     evaluate: dict[str, dict[str, float]] = field(default_factory=dict)
+    # per site: its validation threshold counts (common.evaluation.metrics.threshold_counts), the only
+    # thing about its predictions that leaves it; the server's operating point is their sum
+    val_counts: dict[str, dict[str, int | list[int]]] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
     bytes_down: int = 0
@@ -282,8 +286,14 @@ class Guard(Strategy):
         message brings it, so only the last round has an evaluate phase of its own."""
         return self.cfg.site_eval == "fused"
 
-    def _site_evaluated(self, rnd: int, site: str, metrics: dict[str, float]) -> None:
-        self._log(rnd).evaluate[site] = metrics
+    def _site_evaluated(self, rnd: int, site: str, record) -> None:
+        """Keep a site's evaluation reply: its metrics, and its threshold counts apart."""
+        metrics = {k: float(v) for k, v in record.items() if isinstance(v, (int, float)) and k not in COUNT_KEYS}
+        counts = {k: record[k] for k in COUNT_KEYS if k in record}
+        lg = self._log(rnd)
+        lg.evaluate[site] = metrics
+        if len(counts) == len(COUNT_KEYS):
+            lg.val_counts[site] = {k: (list(v) if isinstance(v, list) else int(v)) for k, v in counts.items()}
         self.on_event("evaluate", rnd, site, metrics)
 
     def inner_min_available(self) -> int:
@@ -378,8 +388,7 @@ class Guard(Strategy):
             lg.bytes_up += int(metrics.get("bytes-sent", 0))
             self.on_event("train", rnd, site, metrics)
             if "val" in msg.content.config_records:  # fused evaluation of the previous round's model
-                val = {k: float(v) for k, v in msg.content["val"].items() if isinstance(v, (int, float))}
-                self._site_evaluated(rnd - 1, site, val)
+                self._site_evaluated(rnd - 1, site, msg.content["val"])
             accepted.append((site, msg))
         missing = [s for s in lg.sampled if s not in lg.train and s not in lg.failed and s not in lg.rejected]
         for site in missing:
@@ -434,9 +443,7 @@ class Guard(Strategy):
                             _short(cast(str, msg.error.reason)))
                 self.on_event("failure", rnd, site, {"phase": "evaluate", "reason": msg.error.reason})
                 continue
-            metrics = {k: float(v) for k, v in next(iter(msg.content.metric_records.values())).items()
-                       if not isinstance(v, list)}
-            self._site_evaluated(rnd, site, metrics)
+            self._site_evaluated(rnd, site, next(iter(msg.content.metric_records.values())))
             ok.append((site, msg))
         ok.sort(key=lambda sm: sm[0])
         out = self.inner.aggregate_evaluate(rnd, [m for _, m in ok]) if ok else None

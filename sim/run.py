@@ -104,6 +104,15 @@ def main(argv: list[str] | None = None) -> int:
         log.info("simulating %d sites on %s, %d training at once", cfg.clients, where, sr.slots)
         run_simulation(server_app=server_app_for(sr), client_app=client_app, num_supernodes=cfg.clients,
                        backend_config=backend, verbose_logging=args.verbose)
+    summary_path = sr.run.path / "summary.json"
+    if summary_path.exists():
+        import json
+
+        from experiment.tracker import operating_point_line
+
+        test = json.loads(summary_path.read_text()).get("test") or {}
+        if test.get("operating_point"):
+            print("\n" + operating_point_line(test))
     print(f"\nResults: {sr.run.path}\n  summary.json, rounds.jsonl, learning_curves.png, roc.png, froc.png, "
           "submission.csv\n  Research results on synthetic or public data; never for diagnosis.")
     return 0

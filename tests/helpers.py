@@ -15,6 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY: dict[str, Any] = {"image_size": 32, "arch": "resnet10", "batch_size": 8, "workers": 1, "seed": 3,
@@ -83,3 +86,35 @@ def sim_killed_after_round(tmp_path: Path, tiny_root: Path, rnd: int, run: str, 
             except psutil.NoSuchProcess:
                 pass
         proc.wait(timeout=30)
+
+
+# ---- the Guard on hand-made replies (no Ray, no network) ----
+GLOBAL = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32), "n": np.array(0, np.int64)}
+
+
+def reply(node: int, arrays: dict, n: float, error: str | None = None) -> Message:
+    ask = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type=MessageType.TRAIN)
+    if error:
+        return Message(Error(code=1, reason=error), reply_to=ask)
+    content = RecordDict({"arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}),
+                          "metrics": MetricRecord({"num-examples": n, "train-loss": 0.5}),
+                          "site": ConfigRecord({"site": f"site-{node}"})})
+    return Message(content, reply_to=ask)
+
+
+def guard(strategy="fedavg", limits=None, **cfg):
+    """A Guard around ``strategy`` for 4 sampled of 5 joined sites, each allowed 1000 examples."""
+    from common.config import RunConfig
+    from server.strategy import Guard, make_strategy
+
+    c = RunConfig(strategy=strategy, clients=4, **cfg)
+    sites = {k: f"site-{k}" for k in range(1, 6)}
+    g = Guard(make_strategy(c, 4), c, GLOBAL, sites, limits or {s: 1000 for s in sites.values()})
+    g._log(1).sampled = [f"site-{k}" for k in range(1, 5)]
+    return g
+
+
+def arrays(seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    return {"w": rng.normal(size=(2, 3)).astype(np.float32), "b": rng.normal(size=3).astype(np.float32),
+            "n": np.array(seed, np.int64)}

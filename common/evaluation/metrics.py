@@ -1,8 +1,16 @@
 """The one metrics module: what every run, site, baseline and report computes.
 
-Threshold metrics use 0.5 on the predicted probability. ROC-AUC and PR-AUC are
-threshold-free. Confidence intervals come from a bootstrap over patients (scans), since
-candidates of one patient are not independent.
+Threshold metrics use 0.5 on the predicted probability unless a threshold is given.
+ROC-AUC and PR-AUC are threshold-free. Confidence intervals come from a bootstrap over
+patients (scans), since candidates of one patient are not independent.
+
+**Operating point without pooling data.** Beside 0.5, runs report accuracy, precision and
+recall at a threshold chosen on validation data. A site never sends its predictions:
+:func:`threshold_counts` reduces them to how many of its positives and of its negatives
+score at or above each threshold of the fixed grid :data:`THRESHOLDS`; the server adds
+the sites' counts (:func:`sum_counts`) and :func:`choose_threshold` picks the threshold
+from the sums alone. The centralized baseline runs the same two functions on its pooled
+validation split, so both kinds of run choose by the same rule.
 """
 
 from __future__ import annotations
@@ -15,6 +23,14 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 METRICS = ("loss", "accuracy", "balanced_accuracy", "precision", "recall", "specificity", "f1", "roc_auc",
            "pr_auc")
+
+
+# 0.01 steps, with finer steps near 0 and 1 where a rare class puts its thresholds
+THRESHOLDS: tuple[float, ...] = (0.001, 0.002, 0.005, *(round(k / 100, 2) for k in range(1, 100)), 0.995, 0.998,
+                                 0.999)
+OPERATING_RULES = ("youden", "f1")
+COUNT_KEYS = ("op-positives", "op-negatives", "op-tp", "op-fp")
+OP_METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "balanced_accuracy")  # at the operating point
 
 
 def bce_terms(labels: np.ndarray, logits: np.ndarray) -> np.ndarray:
@@ -69,12 +85,74 @@ def binary_metrics(labels: np.ndarray, logits: np.ndarray, threshold: float = 0.
     return out
 
 
+def threshold_counts(labels: np.ndarray, logits: np.ndarray, thresholds: tuple[float, ...] = THRESHOLDS
+                     ) -> dict[str, int | list[int]]:
+    """What a site sends about its validation predictions: per threshold of the grid, how
+    many positives (``op-tp``) and negatives (``op-fp``) score at or above it, and how many
+    of each it has. No prediction, candidate or patient is in it."""
+    y = np.asarray(labels).astype(int)
+    p = sigmoid(logits)
+    p = np.where(np.isfinite(p), p, -np.inf)  # a broken output never counts as above a threshold
+    t = np.asarray(thresholds, dtype=np.float64)
+    pos, neg = np.sort(p[y == 1]), np.sort(p[y == 0])
+    return {"op-positives": int(len(pos)), "op-negatives": int(len(neg)),
+            "op-tp": (len(pos) - np.searchsorted(pos, t, side="left")).astype(int).tolist(),
+            "op-fp": (len(neg) - np.searchsorted(neg, t, side="left")).astype(int).tolist()}
+
+
+def sum_counts(parts: list[dict], thresholds: tuple[float, ...] = THRESHOLDS) -> dict[str, int | list[int]]:
+    """The federation's counts: the sites' :func:`threshold_counts`, added up."""
+    if not parts:
+        raise ValueError("no site sent threshold counts")
+    tp, fp = np.zeros(len(thresholds), dtype=np.int64), np.zeros(len(thresholds), dtype=np.int64)
+    n_pos = n_neg = 0
+    for part in parts:
+        a, b = np.asarray(part["op-tp"], dtype=np.int64), np.asarray(part["op-fp"], dtype=np.int64)
+        if a.shape != tp.shape or b.shape != fp.shape:
+            raise ValueError(f"threshold counts of {len(a)} thresholds, expected {len(thresholds)} "
+                             "(site and server run different versions)")
+        tp += a
+        fp += b
+        n_pos += int(part["op-positives"])
+        n_neg += int(part["op-negatives"])
+    return {"op-positives": n_pos, "op-negatives": n_neg, "op-tp": tp.tolist(), "op-fp": fp.tolist()}
+
+
+def choose_threshold(counts: dict, rule: str = "youden", thresholds: tuple[float, ...] = THRESHOLDS
+                     ) -> dict[str, float | str] | None:
+    """The operating point from (summed) threshold counts; None without both classes.
+
+    ``youden``: the threshold that maximises Youden's J = recall + specificity - 1 (it
+    weighs a missed nodule and a false alarm by their class sizes, not by the class
+    ratio, so a rare class is not sacrificed). ``f1``: the one that maximises F1. Where
+    several thresholds tie (a plateau between two validation scores), the middle one of
+    the plateau is taken, away from both scores.
+    """
+    if rule not in OPERATING_RULES:
+        raise ValueError(f"operating-point rule {rule!r}: choose one of {', '.join(OPERATING_RULES)}")
+    n_pos, n_neg = int(counts["op-positives"]), int(counts["op-negatives"])
+    if n_pos == 0 or n_neg == 0:
+        return None
+    tp, fp = np.asarray(counts["op-tp"], dtype=float), np.asarray(counts["op-fp"], dtype=float)
+    recall, fpr = tp / n_pos, fp / n_neg
+    if rule == "youden":
+        score = recall - fpr
+    else:
+        score = np.where(tp > 0, 2 * tp / np.maximum(2 * tp + fp + (n_pos - tp), 1), 0.0)
+    best = np.flatnonzero(score >= score.max() - 1e-12)
+    k = int(best[(len(best) - 1) // 2])
+    return {"threshold": float(thresholds[k]), "rule": rule, "score": float(score[k]),
+            "val_recall": float(recall[k]), "val_specificity": float(1 - fpr[k]),
+            "val_precision": _div(float(tp[k]), float(tp[k] + fp[k])),
+            "val_positives": n_pos, "val_negatives": n_neg}
+
+
 def bootstrap_ci(labels: np.ndarray, logits: np.ndarray, groups: np.ndarray, *, n_boot: int = 1000,
-                 seed: int = 0, names: tuple[str, ...] = METRICS, level: float = 0.95
+                 seed: int = 0, names: tuple[str, ...] = METRICS, level: float = 0.95, threshold: float = 0.5
                  ) -> dict[str, tuple[float, float]]:
-    """Percentile CIs of ``names`` by resampling groups (patients) with replacement."""
+    """Percentile CIs of ``names`` (at ``threshold``) by resampling groups (patients) with replacement."""
     y, z = np.asarray(labels), np.asarray(logits)
-    return bootstrap(lambda idx: binary_metrics(y[idx], z[idx]), groups, names, n_boot=n_boot, seed=seed,
+    return bootstrap(lambda idx: binary_metrics(y[idx], z[idx], threshold), groups, names, n_boot=n_boot, seed=seed,
                      level=level)
 
 

@@ -73,10 +73,14 @@ class TestSplit:
         metrics["cpm"] = res.cpm if res is not None else float("nan")
         return metrics, logits, labels
 
-    def final(self, logits: np.ndarray, labels: np.ndarray, out: Path, seed: int = 0, n_boot: int = 1000
-              ) -> dict:
-        """Point estimates with 95% CIs over patients; writes submission.csv; returns the summary."""
-        from common.evaluation.metrics import binary_metrics
+    def final(self, logits: np.ndarray, labels: np.ndarray, out: Path, seed: int = 0, n_boot: int = 1000,
+              operating_point: dict | None = None) -> dict:
+        """Point estimates with 95% CIs over patients; writes submission.csv; returns the summary.
+
+        ``operating_point``: a round row holding ``op_threshold`` (chosen on validation data,
+        never on this split); the summary then also gives the threshold metrics there.
+        """
+        from common.evaluation.metrics import OP_METRICS, binary_metrics
 
         point = binary_metrics(labels, logits)
         ci = bootstrap_ci(labels, logits, self.seriesuid, n_boot=n_boot, seed=seed)
@@ -91,6 +95,23 @@ class TestSplit:
             "test_scans": len(self.scans),
             "test_candidates": int(len(labels)),
         }
+        if operating_point is not None:
+            t = float(operating_point["op_threshold"])
+            at = binary_metrics(labels, logits, t)
+            op_ci = bootstrap_ci(labels, logits, self.seriesuid, n_boot=n_boot, seed=seed, names=OP_METRICS,
+                                 threshold=t)
+            n_pos, n_neg = operating_point.get("op_val_positives"), operating_point.get("op_val_negatives")
+            sites = operating_point.get("op_sites")
+            where = (f"{len(sites)} sites' summed validation counts" if sites else "the pooled validation split")
+            summary["operating_point"] = {
+                "threshold": t, "rule": operating_point.get("op_rule"),
+                "chosen_from": f"{where} ({n_pos} positives, {n_neg} negatives)",
+                "model_round": operating_point.get("op_model_round"),
+                "sites": sites,
+                "validation": {k[len("op_val_"):]: v for k, v in operating_point.items() if k.startswith("op_val_")},
+                "metrics": {k: at[k] for k in OP_METRICS},
+                "ci95": {k: list(v) for k, v in op_ci.items()},
+            }
         if res is not None:
             summary["metrics"]["cpm"] = res.cpm
             summary["ci95"]["cpm"] = list(res.cpm_ci) if res.cpm_ci else None

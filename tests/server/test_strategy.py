@@ -4,42 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.supercore.task_identity import TaskIdentity
 
 from common.config import RunConfig
 from server.strategy import Guard, RoundFailed, export_state, import_state, make_strategy
-
-GLOBAL = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32), "n": np.array(0, np.int64)}
+from tests.helpers import GLOBAL, arrays, guard, reply
 
 
 @pytest.fixture(autouse=True)
 def _identity():
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-
-
-def reply(node: int, arrays: dict, n: float, error: str | None = None) -> Message:
-    ask = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type=MessageType.TRAIN)
-    if error:
-        return Message(Error(code=1, reason=error), reply_to=ask)
-    content = RecordDict({"arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}),
-                          "metrics": MetricRecord({"num-examples": n, "train-loss": 0.5}),
-                          "site": ConfigRecord({"site": f"site-{node}"})})
-    return Message(content, reply_to=ask)
-
-
-def guard(strategy="fedavg", limits=None, **cfg) -> Guard:
-    c = RunConfig(strategy=strategy, clients=4, **cfg)
-    sites = {k: f"site-{k}" for k in range(1, 6)}
-    g = Guard(make_strategy(c, 4), c, GLOBAL, sites, limits or {s: 1000 for s in sites.values()})
-    g._log(1).sampled = [f"site-{k}" for k in range(1, 5)]
-    return g
-
-
-def arrays(seed: int) -> dict:
-    rng = np.random.default_rng(seed)
-    return {"w": rng.normal(size=(2, 3)).astype(np.float32), "b": rng.normal(size=3).astype(np.float32),
-            "n": np.array(seed, np.int64)}
 
 
 def test_aggregate_is_the_example_weighted_mean():
