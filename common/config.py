@@ -175,6 +175,8 @@ class RunConfig:
                             "loss; choose fedavg or an adaptive server optimizer)")
         if self.dp == "central" and self.strategy in ("fedmedian", "krum", "fedtrimmedavg"):
             problems.append(f"--dp central wraps a mean-based strategy; {self.strategy} is not one")
+        if self.tracking_uri and self.tracking == "off":
+            problems.append(f"--tracking-uri {self.tracking_uri!r} is set but --tracking is off; add --tracking mlflow")
         try:
             self.injections()
         except ValueError as exc:
