@@ -110,7 +110,8 @@ def site_curves(rows: Sequence[dict], events: Sequence[dict], path: Path, label:
             pts = sorted((x_of(r), e[key]) for r, e in table.get(s, {}).items()
                          if e.get(key) is not None and np.isfinite(e[key]))
             if pts:
-                ax.plot(*zip(*pts, strict=True), marker=".", ms=4, lw=1, alpha=0.75, color=colors[s], label=s)
+                ax.plot(*zip(*pts, strict=True), marker=".", ms=4, lw=1, alpha=0.75, color=colors[s],
+                        label=s if len(sites) <= 12 else None)  # past 12 sites a legend hides the curves
 
     def global_line(ax, key, lbl, **kw) -> None:
         # a row's val_* figures are of model round val_model_round (the round before, under fused evaluation)
@@ -162,9 +163,8 @@ def site_curves(rows: Sequence[dict], events: Sequence[dict], path: Path, label:
             e = last[max(last)]
             if e.get("positives") is not None and e.get("n"):
                 ratios.append(f"{s} {e['positives']:.0f}/{e['n']:.0f}")
-    lines = [f"{label}: per-site curves (thin) beside the global model (black)" if label else
-             "per-site curves (thin) beside the global model (black)"]
-    if ratios:
+    lines = [f"{label + ': ' if label else ''}{len(sites)} sites' curves (thin) beside the global model (black)"]
+    if ratios and len(ratios) <= 12:
         lines.append("validation nodules / candidates: " + ", ".join(ratios))
     split = _test_split(rows)
     if split:

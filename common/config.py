@@ -225,6 +225,8 @@ class RunConfig:
         if self.dp == "central" and self.strategy not in ("fedavg", "fedprox"):
             problems.append(f"--dp central accounts FedAvg's mean (Flower's accountant): choose --strategy fedavg "
                             f"or fedprox, not {self.strategy}")
+        if self.tracking_uri and self.tracking == "off":
+            problems.append(f"--tracking-uri {self.tracking_uri!r} is set but --tracking is off; add --tracking mlflow")
         try:
             self.injections()
         except ValueError as exc:

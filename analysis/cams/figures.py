@@ -71,14 +71,19 @@ def draw_grid(path: Path, spec: PatchSpec, columns: dict[str, list[dict[str, Any
     Each case dict holds ``patch`` (3, S, S) uint8, ``map`` (S, S), ``peak`` (row, col),
     ``outlines`` (per plane a list of (row, col, radius_px, cuts_plane)) and ``label`` (text).
     """
+    from matplotlib import patheffects
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
     from matplotlib.patches import Circle
 
     from analysis.plots import _figure, _save
 
     rows = max(1, max(len(v) for v in columns.values()))
     Figure = _figure()
-    fig = Figure(figsize=(1.55 * 3 * len(columns) + 0.4, 1.75 * rows + 0.9))
+    # constrained layout keeps each case's label clear of the row below; a colour bar column
+    fig = Figure(figsize=(1.55 * 3 * len(columns) + 1.2, 1.8 * rows + 1.3), layout="constrained")
     axes = np.asarray(fig.subplots(rows, 3 * len(columns), squeeze=False))
+    ten_mm = 10.0 * spec.size / spec.fov_mm  # pixels per 10 mm: a scale bar on every case
     for g, (cat, cases) in enumerate(columns.items()):
         for r in range(rows):
             for k, (plane, _, _) in enumerate(PLANES):
@@ -103,11 +108,23 @@ def draw_grid(path: Path, spec: PatchSpec, columns: dict[str, list[dict[str, Any
                 for row_px, col_px, rad_px, cuts in c["outlines"][k]:
                     ax.add_patch(Circle((col_px, row_px), rad_px, fill=False, lw=1.1, color="lime",
                                         ls="-" if cuts else "--"))
+                if k == 0:
+                    y0, x0 = spec.size - 0.06 * spec.size, 0.06 * spec.size
+                    halo = [patheffects.withStroke(linewidth=2.5, foreground="black")]  # readable on bone too
+                    ax.plot([x0, x0 + ten_mm], [y0, y0], color="white", lw=2, solid_capstyle="butt",
+                            path_effects=halo)
+                    ax.text(x0 + ten_mm / 2, y0 - 0.03 * spec.size, "10 mm", color="white", fontsize=6,
+                            ha="center", va="bottom", path_effects=halo)
                 ax.set_xlim(-0.5, spec.size - 0.5)
                 ax.set_ylim(spec.size - 0.5, -0.5)
                 if k == 1:
                     ax.set_xlabel(c["label"], fontsize=7)
-    fig.suptitle(title, fontsize=8)
+    bar = fig.colorbar(ScalarMappable(Normalize(0, 1), cmap="jet"), ax=axes[:, -1].tolist(), shrink=0.6,
+                       aspect=30, pad=0.05)
+    bar.set_label("heatmap, scaled per case (0 = none, 1 = its peak)", fontsize=7)
+    bar.ax.tick_params(labelsize=6)
+    fig.suptitle(f"{title}\nPatches {spec.fov_mm:g} mm x {spec.fov_mm:g} mm ({spec.size} px), HU window "
+                 f"{spec.hu_min:g}..{spec.hu_max:g}; p = the model's probability of a nodule.", fontsize=8)
     _save(fig, path)
 
 

@@ -23,22 +23,54 @@ def numeric(row: dict) -> dict[str, float]:
             if k != "time" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
-def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
-    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
-
-
 def assert_history(client, run_id: str, key: str, by_step: dict[int, float]) -> None:
     """MLflow holds exactly one value per step for ``key``, equal to ``by_step``."""
-    got = history(client, run_id, key)
+    got = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
     assert [s for s, _ in got] == sorted(by_step), (key, got, by_step)
     assert [v for _, v in got] == pytest.approx([by_step[s] for s in sorted(by_step)], rel=1e-12), key
 
 
-def latest_events(run: Path) -> dict[tuple[str, int, str], dict]:
-    out = {}
-    for e in rows(run / "events.jsonl"):  # a round redone after a resume: its last copy counts
-        out[(e["kind"], e["round"], e["site"])] = e
-    return out
+def assert_run_equals_folder(client, mr, folder: Path) -> None:
+    """The MLflow run holds the folder's configuration, every round's figures once, each
+    site's figures of every round (federated), the final figures and the files."""
+    cfg = json.loads((folder / "config.json").read_text())["config"]
+    params = {k: str(v) for k, v in cfg.items()}
+    logged = dict(mr.data.params)
+    changed = {k[len("resumed."):]: v for k, v in mr.data.tags.items() if k.startswith("resumed.")}
+    assert {**logged, **changed} == params  # the whole resolved configuration (resume-time changes as tags)
+    expected: dict[str, dict[int, float]] = {}
+    for row in rows(folder / "rounds.jsonl"):
+        for k, v in numeric(row).items():
+            expected.setdefault(k, {})[row["round"]] = v
+    assert {"test_roc_auc", "test_cpm", "test_loss", "train_loss", "wall_seconds"} <= set(expected)
+    if cfg["mode"] == "federated":  # federation overhead, bytes, the sites' pooled validation
+        assert {"overhead", "bytes_up", "bytes_down", "val_roc_auc"} <= set(expected)
+        latest = {}
+        for e in rows(folder / "events.jsonl"):  # a round redone after a resume: its last copy counts
+            latest[(e["kind"], e["round"], e["site"])] = e
+        for (kind, rnd, site), e in latest.items():  # every site's own curves, named <metric>/<site>
+            if kind == "train":
+                expected.setdefault(f"train_loss/{site}", {})[rnd] = e["train-loss"]
+                if "dp-epsilon" in e:
+                    expected.setdefault(f"dp_epsilon/{site}", {})[rnd] = e["dp-epsilon"]
+            elif kind == "evaluate":  # at the round of the model the site evaluated
+                expected.setdefault(f"val_loss/{site}", {})[rnd] = e["loss"]
+        sites = {s for _, _, s in latest}
+        assert sites and {f"train_loss/{s}" for s in sites} | {f"val_loss/{s}" for s in sites} <= set(expected)
+    for key, by_round in expected.items():
+        assert_history(client, mr.info.run_id, key, by_round)
+    summary = json.loads((folder / "summary.json").read_text())
+    assert client.get_run(mr.info.run_id).data.metrics["final_roc_auc"] == pytest.approx(
+        summary["test"]["metrics"]["roc_auc"])
+    names = {a.path for d in ("plots", "model", "results") for a in client.list_artifacts(mr.info.run_id, d)}
+    assert {"plots/learning_curves.png", "plots/roc.png", "model/model_final.pt", "results/summary.json"} <= names
+    assert mr.info.status == "FINISHED"
+
+
+def runs_in(uri: str) -> dict:
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("luna-fl")
+    return {r.info.run_name: r for r in client.search_runs([exp.experiment_id])} if exp else {}
 
 
 def test_tracked_run_equals_its_results_folder_and_resume_continues_the_same_mlflow_run(tmp_path, tiny_root):
@@ -56,45 +88,13 @@ def test_tracked_run_equals_its_results_folder_and_resume_continues_the_same_mlf
     uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"  # the default store: beside the results folders
     assert first["tracking_uri"] == uri
     client = mlflow.MlflowClient(uri)
-    exp = client.get_experiment_by_name("luna-fl")
-    found = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    found = runs_in(uri)
     assert sorted(found) == ["central", "cut"]  # side by side in one experiment; the resume made no second run
     for name, mr in found.items():
-        folder = tmp_path / "runs" / name
-        assert mr.info.status == "FINISHED"
-        cfg = json.loads((folder / "config.json").read_text())["config"]
-        assert mr.data.params == {k: str(v) for k, v in cfg.items()}  # the whole resolved configuration
-        # every figure of every round, once per round, equal to rounds.jsonl
-        expected: dict[str, dict[int, float]] = {}
-        for row in rows(folder / "rounds.jsonl"):
-            for k, v in numeric(row).items():
-                expected.setdefault(k, {})[row["round"]] = v
-        assert {"test_roc_auc", "test_loss", "train_loss", "wall_seconds"} <= set(expected)
-        if name == "cut":  # federation overhead, bytes, the sites' pooled validation, the largest epsilon
-            assert {"overhead", "bytes_up", "bytes_down", "val_roc_auc", "dp_epsilon_max"} <= set(expected)
-        for key, by_round in expected.items():
-            assert_history(client, mr.info.run_id, key, by_round)
-        names = {a.path for d in ("plots", "model", "results") for a in client.list_artifacts(mr.info.run_id, d)}
-        assert {"plots/learning_curves.png", "plots/roc.png", "model/model_final.pt", "results/summary.json"} <= names
-        summary = json.loads((folder / "summary.json").read_text())
-        assert mr.data.metrics["final_roc_auc"] == pytest.approx(summary["test"]["metrics"]["roc_auc"])
-
-    fed_id = found["cut"].info.run_id
-    rs = rows(run / "rounds.jsonl")
-    assert [r["round"] for r in rs] == [0, 1, 2, 3]
-    assert history(client, fed_id, "bytes_up") == [(r["round"], r["bytes_up"]) for r in rs[1:]]
-    # every site's own curves: training loss, cumulative epsilon, validation of each round's model
-    per_site: dict[str, dict[int, float]] = {}
-    for (kind, rnd, site), e in latest_events(run).items():
-        if kind == "train":
-            per_site.setdefault(f"train_loss/{site}", {})[rnd] = e["train-loss"]
-            per_site.setdefault(f"dp_epsilon/{site}", {})[rnd] = e["dp-epsilon"]
-        elif kind == "evaluate" and math.isfinite(e["loss"]):
-            per_site.setdefault(f"val_loss/{site}", {})[rnd] = e["loss"]
-    assert {f"{m}/site-{k}" for m in ("train_loss", "dp_epsilon", "val_loss") for k in (0, 1)} == set(per_site)
-    for key, by_round in per_site.items():
-        assert_history(client, fed_id, key, by_round)
-    assert history(client, fed_id, "dp_epsilon/site-0")[-1][1] == pytest.approx(6.0, abs=0.05)
+        assert_run_equals_folder(client, mr, tmp_path / "runs" / name)
+    assert rows(run / "rounds.jsonl")[-1]["round"] == 3
+    eps = sorted((m.step, m.value) for m in client.get_metric_history(found["cut"].info.run_id, "dp_epsilon/site-0"))
+    assert [s for s, _ in eps] == [1, 2, 3] and eps[-1][1] == pytest.approx(6.0, abs=0.05)  # cumulative, per site
 
     # the comparison report goes to both tracked runs
     p = subprocess.run([sys.executable, "sim/compare.py", "--runs", str(run), str(tmp_path / "runs" / "central"),
@@ -103,6 +103,13 @@ def test_tracked_run_equals_its_results_folder_and_resume_continues_the_same_mlf
     for mr in found.values():
         assert {a.path for a in client.list_artifacts(mr.info.run_id, "report")} == {"report/report.md",
                                                                                      "report/report.html"}
+
+    # resumed into a store that has never seen it: a new MLflow run there, filled from the folder
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    sim(tmp_path, tiny_root, "--resume", str(run), "--tracking-uri", other)
+    assert json.loads((run / "mlflow.json").read_text())["tracking_uri"] == other
+    assert list(runs_in(other)) == ["cut"]
+    assert_run_equals_folder(mlflow.MlflowClient(other), runs_in(other)["cut"], run)
 
 
 def test_a_tracking_server_that_does_not_answer_is_a_warning_and_the_run_completes(tmp_path, tiny_root):
@@ -119,3 +126,34 @@ def test_a_tracking_server_that_does_not_answer_is_a_warning_and_the_run_complet
     assert [r["round"] for r in rows(run / "rounds.jsonl")] == [0, 1, 2]
     assert (run / "summary.json").exists() and (run / "model_final.pt").exists()
     assert not (run / "mlflow.json").exists()
+
+
+def test_a_store_that_fails_mid_run_is_a_warning_and_keeps_what_it_had(tmp_path, tiny_root):
+    """The store takes every round, then cannot take the files (its artifact folder is a
+    file): one warning, a complete run, and MLflow keeps the rounds it had."""
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "mlartifacts").write_text("not a folder")
+    proc = sim(tmp_path, tiny_root, "--clients", "2", "--rounds", "1", "--local-epochs", "1", "--tracking", "mlflow",
+               "--run-name", "broken")
+    run = tmp_path / "runs" / "broken"
+    assert "the run goes on without it" in proc.stderr and (run / "summary.json").exists()
+    mr = runs_in(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")["broken"]
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    assert_history(client, mr.info.run_id, "test_roc_auc",
+                   {r["round"]: r["test_roc_auc"] for r in rows(run / "rounds.jsonl")})
+
+
+def test_site_names_become_metric_names_mlflow_accepts_and_a_uri_without_tracking_is_an_error():
+    from common.tracker import site_metrics
+    from mlflow.utils.validation import _validate_metric_name
+
+    from common.config import RunConfig
+
+    for site in ("site-3", "Hospital A", "uk/leeds:ct", "../x", "ä"):
+        named = site_metrics("train", site, {"train-loss": 0.5, "dp-epsilon": 2.0, "started-at": 1.0})
+        assert len(named) == 2 and all(k.startswith(("train_loss/", "dp_epsilon/")) for k in named)
+        for key in named:
+            _validate_metric_name(key)  # raises on a name MLflow refuses
+    assert site_metrics("evaluate", "site-0", {"roc_auc": float("nan"), "loss": 0.25}) == {"val_loss/site-0": 0.25}
+    with pytest.raises(ValueError, match="--tracking-uri .* --tracking mlflow"):
+        RunConfig(tracking_uri="http://127.0.0.1:5000")
