@@ -11,13 +11,13 @@ import numpy as np
 from common.atomic import atomic_write
 
 
-def _figure():
+def new_figure():
     from matplotlib.figure import Figure  # Agg, no global pyplot state
 
     return Figure
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     atomic_write(path, lambda fh: fh.write(buf.getvalue()), binary=True)
@@ -49,7 +49,7 @@ def learning_curves(runs: Mapping[str, Sequence[dict]], path: Path, note: str = 
     ``runs`` maps a label to that run's ``rounds.jsonl`` rows. The test split's size and
     class ratio are in the titles: AUC and CPM are ratio-free, a loss is not.
     """
-    Figure = _figure()
+    Figure = new_figure()
     fig = Figure(figsize=(12, 8), layout="constrained")  # constrained: no label runs into a title
     split = next((t for rows in runs.values() if (t := _test_split(rows))), "")
     panels = [("test_roc_auc", "global model: test ROC-AUC", "ROC-AUC (0.5 = chance)"),
@@ -77,7 +77,7 @@ def learning_curves(runs: Mapping[str, Sequence[dict]], path: Path, note: str = 
         lines.append(f"Test split: {split} (the natural ratio; training epochs are balanced by --neg-ratio).")
     if lines:
         fig.suptitle("\n".join(lines), fontsize=9)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def site_curves(rows: Sequence[dict], events: Sequence[dict], path: Path, label: str = "") -> None:
@@ -88,7 +88,7 @@ def site_curves(rows: Sequence[dict], events: Sequence[dict], path: Path, label:
     under local DP each site's cumulative epsilon, else each site's local training time.
     ``rows``/``events``: the run's ``rounds.jsonl`` and ``events.jsonl``.
     """
-    Figure = _figure()
+    Figure = new_figure()
     passes = {int(r["round"]): r["data_passes"] for r in rows}
     per_round = (passes.get(1, 1) or 1)
     x_of = lambda rnd: passes.get(int(rnd), int(rnd) * per_round)  # noqa: E731
@@ -170,14 +170,14 @@ def site_curves(rows: Sequence[dict], events: Sequence[dict], path: Path, label:
     if split:
         lines.append(f"test split: {split}")
     fig.suptitle("\n".join(lines), fontsize=9)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def roc_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: Path) -> list[str]:
     """One ROC curve per run; ``curves`` maps a label to (labels, logits). Returns the legend's lines."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    Figure = _figure()
+    Figure = new_figure()
     fig = Figure(figsize=(5.5, 5.2), layout="constrained")
     ax = fig.subplots()
     counts = {(int(np.sum(y)), len(y)) for y, _ in curves.values()}
@@ -201,5 +201,5 @@ def roc_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: Path) 
     ax.set_aspect("equal")
     legend = ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path)
     return [t.get_text() for t in legend.get_texts()]

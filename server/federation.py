@@ -33,7 +33,7 @@ from common.training.memory import release_freed_memory
 from experiment.results import RunDir
 from experiment.tracker import RunTracker
 
-from .strategy import Guard, _short, export_state, import_state, make_strategy, quorum, wait_for_nodes
+from .strategy import Guard, export_state, import_state, make_strategy, quorum, short_reason, wait_for_nodes
 
 log = logging.getLogger("luna_fl")
 
@@ -121,7 +121,7 @@ def handshake(grid: Grid, sr: ServerRun, server_signature: str
     for r in replies:
         node = r.metadata.src_node_id
         if r.has_error():
-            excluded[node] = _short(cast(str, r.error.reason), 600)  # Flower types it str | None
+            excluded[node] = short_reason(cast(str, r.error.reason), 600)  # Flower types it str | None
             log.warning("node %d cannot take part and is left out of this run: %s", node, excluded[node])
             continue
         rec = cast(ConfigRecord, r.content["site"])  # the site's reply: a ConfigRecord and a MetricRecord

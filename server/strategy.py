@@ -371,8 +371,8 @@ class Guard(Strategy):
             site = self.sender(msg, rnd, "train")
             if msg.has_error():
                 # Flower types an Error's reason str | None
-                lg.failed[site] = _short(cast(str, msg.error.reason))
-                log.warning("[round %d] [site %s] failed: %s", rnd, site, _short(cast(str, msg.error.reason)))
+                lg.failed[site] = short_reason(cast(str, msg.error.reason))
+                log.warning("[round %d] [site %s] failed: %s", rnd, site, short_reason(cast(str, msg.error.reason)))
                 self.on_event("failure", rnd, site, {"phase": "train", "reason": msg.error.reason})
                 continue
             site, reason = self.validate(msg)
@@ -440,7 +440,7 @@ class Guard(Strategy):
             site = self.sender(msg, rnd, "evaluate")
             if msg.has_error():
                 log.warning("[round %d] [site %s] evaluation failed: %s", rnd, site,
-                            _short(cast(str, msg.error.reason)))
+                            short_reason(cast(str, msg.error.reason)))
                 self.on_event("failure", rnd, site, {"phase": "evaluate", "reason": msg.error.reason})
                 continue
             self._site_evaluated(rnd, site, next(iter(msg.content.metric_records.values())))
@@ -504,8 +504,10 @@ def wait_for_nodes(grid: Grid, needed: int, timeout: float, at_least: int | None
         time.sleep(0.5)
 
 
-def _short(reason: str, n: int = 300) -> str:
+def short_reason(reason: str | None, n: int = 300) -> str:
     """The message of a site's error, without the Ray and Flower wrapping around it."""
+    if not reason:  # Flower allows an error without a reason
+        return "the site gave no reason"
     if "Message:" in reason:
         reason = reason.rsplit("Message:", 1)[1].strip().rstrip("'>").strip()
     else:
@@ -516,7 +518,7 @@ def _short(reason: str, n: int = 300) -> str:
 
 
 def _names(d: dict[str, str]) -> str:
-    return ", ".join(f"{k} ({_short(v, 80)})" for k, v in sorted(d.items())) or "none"
+    return ", ".join(f"{k} ({short_reason(v, 80)})" for k, v in sorted(d.items())) or "none"
 
 
 # ---- strategy state, for checkpoints (FedAdam's moments, FedAvgM's momentum, ...) ----

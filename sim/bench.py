@@ -169,7 +169,7 @@ def bench_throughput(cfg, reps: int) -> dict:
     from common.data.loaders import balanced_positions, to_float
     from common.data.prepare import prepare
     from common.training import model as model_lib
-    from common.training.engine import _autocast, amp_active
+    from common.training.engine import amp_active, autocast
 
     prep = prepare(cfg, progress=False)
     site = prep.plan.sites[0]
@@ -201,7 +201,7 @@ def bench_throughput(cfg, reps: int) -> dict:
                     x = x.to(memory_format=torch.channels_last)
                 y = y_all[i:i + cfg.batch_size].to(device)
                 opt.zero_grad(set_to_none=True)
-                with _autocast(device, cfg.amp):
+                with autocast(device, cfg.amp):
                     out = model(x).reshape(-1).float()
                 loss_fn(out, y).backward()
                 opt.step()

@@ -76,10 +76,10 @@ def draw_grid(path: Path, spec: PatchSpec, columns: dict[str, list[dict[str, Any
     from matplotlib.colors import Normalize
     from matplotlib.patches import Circle
 
-    from analysis.plots import _figure, _save
+    from analysis.plots import new_figure, save_figure
 
     rows = max(1, max(len(v) for v in columns.values()))
-    Figure = _figure()
+    Figure = new_figure()
     # constrained layout keeps each case's label clear of the row below; a colour bar column
     fig = Figure(figsize=(1.55 * 3 * len(columns) + 1.2, 1.8 * rows + 1.3), layout="constrained")
     axes = np.asarray(fig.subplots(rows, 3 * len(columns), squeeze=False))
@@ -125,7 +125,7 @@ def draw_grid(path: Path, spec: PatchSpec, columns: dict[str, list[dict[str, Any
     bar.ax.tick_params(labelsize=6)
     fig.suptitle(f"{title}\nPatches {spec.fov_mm:g} mm x {spec.fov_mm:g} mm ({spec.size} px), HU window "
                  f"{spec.hu_min:g}..{spec.hu_max:g}; p = the model's probability of a nodule.", fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def outlines(spec: PatchSpec, centre: Sequence[float], nodules: Sequence[Nodule], own: Nodule | None = None

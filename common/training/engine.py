@@ -38,7 +38,7 @@ def amp_active(device: torch.device, amp: bool) -> bool:
     return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def _autocast(device: torch.device, amp: bool):
+def autocast(device: torch.device, amp: bool):
     if amp_active(device, amp):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
@@ -95,7 +95,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
             x = x.to(memory_format=torch.channels_last)
         y = y.to(device, non_blocking=True).float()
         optimizer.zero_grad(set_to_none=True)
-        with _autocast(device, amp):
+        with autocast(device, amp):
             logits = model(x).reshape(-1).float()
         loss = criterion(logits, y)
         data_loss = float(loss.detach())
@@ -129,7 +129,7 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, amp: boo
         x = x.to(device, non_blocking=True)
         if channels_last:
             x = x.to(memory_format=torch.channels_last)
-        with _autocast(device, amp):
+        with autocast(device, amp):
             out = model(x).reshape(-1).float()
         logits.append(out.cpu().numpy())
         labels.append(y.numpy())

@@ -260,3 +260,10 @@ def test_the_training_deadline_starts_after_the_wait_for_a_restarting_site():
     waited = time.time() - g.rounds[1].started
     assert waited >= 1.0  # the round did wait for site-5 (polls every 0.5 s)
     assert cfg["deadline"] >= g.rounds[1].started + waited + 30.0 - 0.5
+
+
+def test_a_failed_reply_without_a_reason_is_named_not_a_crash(caplog):
+    from server.strategy import short_reason
+
+    assert short_reason(None) == short_reason("") == "the site gave no reason"
+    assert short_reason("Traceback\n  File x\nValueError: disk full") == "ValueError: disk full"
