@@ -18,7 +18,21 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
+# The strategies by name, each with the settings of its own: the one list the CLI's choices and
+# help, the config check, the Flower app table and the README's strategy table follow;
+# server/strategies.py builds each (a test keeps its builders and this table in step).
+STRATEGY_SETTINGS: dict[str, tuple[str, ...]] = {
+    "fedavg": (),
+    "fedprox": ("proximal_mu",),
+    "fedavgm": ("server_lr", "server_momentum"),
+    "fedadam": ("server_lr",),
+    "fedyogi": ("server_lr",),
+    "fedmedian": (),
+    "fedtrimmedavg": ("trim_beta",),
+    "krum": ("krum_malicious",),
+}
+STRATEGIES = tuple(STRATEGY_SETTINGS)
+CENTRAL_DP_STRATEGIES = ("fedavg", "fedprox")  # Flower's central-DP accountant needs FedAvg's own mean
 PARTITIONS = ("subset", "iid", "dirichlet", "scanner")
 ARCHS = ("resnet50", "resnet18", "resnet10")
 DP_MODES = ("off", "local", "central")
@@ -104,7 +118,9 @@ class RunConfig:
     federation: str = _f("simulation", "simulation (sites are partitions of --data) or deployment (each "
                          "SuperNode reads its own data-path; --data, if given, is the server's test set)",
                          choices=("simulation", "deployment"))
-    strategy: str = _f("fedavg", "Flower strategy", choices=STRATEGIES)
+    strategy: str = _f("fedavg", "Flower strategy: " + "; ".join(
+        f"{name} ({', '.join('--' + s.replace('_', '-') for s in own)})" if own else name
+        for name, own in STRATEGY_SETTINGS.items()), choices=STRATEGIES)
     fraction_fit: float = _f(1.0, "share of sites sampled for training each round")
     fraction_evaluate: float = _f(1.0, "share of sites sampled for federated evaluation each round")
     site_eval: str = _f("fused", "when sites evaluate the global model on their validation patches: fused (at "
@@ -222,9 +238,9 @@ class RunConfig:
         if self.dp == "local" and self.strategy == "fedprox":
             problems.append("--dp local with --strategy fedprox is not supported (Opacus' fast clipping wraps the "
                             "loss; choose fedavg or an adaptive server optimizer)")
-        if self.dp == "central" and self.strategy not in ("fedavg", "fedprox"):
-            problems.append(f"--dp central accounts FedAvg's mean (Flower's accountant): choose --strategy fedavg "
-                            f"or fedprox, not {self.strategy}")
+        if self.dp == "central" and self.strategy not in CENTRAL_DP_STRATEGIES:
+            problems.append(f"--dp central accounts FedAvg's mean (Flower's accountant): choose --strategy "
+                            f"{' or '.join(CENTRAL_DP_STRATEGIES)}, not {self.strategy}")
         if self.tracking_uri and self.tracking == "off":
             problems.append(f"--tracking-uri {self.tracking_uri!r} is set but --tracking is off; add --tracking mlflow")
         try:

@@ -2,7 +2,7 @@
 
 ``setup`` makes (or reopens, for ``--resume``) the results folder and prepares the data;
 ``federate`` does the handshake with every site, then hands the rounds to the chosen
-Flower strategy (inside :class:`server.strategy.Guard`) with an ``evaluate_fn`` that
+Flower strategy (inside :class:`server.guard.Guard`) with an ``evaluate_fn`` that
 tests the global model, checkpoints it and reports progress after every round.
 """
 
@@ -33,7 +33,8 @@ from common.training.memory import release_freed_memory
 from experiment.results import RunDir
 from experiment.tracker import RunTracker
 
-from .strategy import Guard, export_state, import_state, make_strategy, quorum, short_reason, wait_for_nodes
+from .guard import Guard, quorum, short_reason, wait_for_nodes
+from .strategies import export_state, import_state, make_strategy
 
 log = logging.getLogger("luna_fl")
 

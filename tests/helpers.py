@@ -105,7 +105,8 @@ def reply(node: int, arrays: dict, n: float, error: str | None = None) -> Messag
 def guard(strategy="fedavg", limits=None, **cfg):
     """A Guard around ``strategy`` for 4 sampled of 5 joined sites, each allowed 1000 examples."""
     from common.config import RunConfig
-    from server.strategy import Guard, make_strategy
+    from server.guard import Guard
+    from server.strategies import make_strategy
 
     c = RunConfig(strategy=strategy, clients=4, **cfg)
     sites = {k: f"site-{k}" for k in range(1, 6)}

@@ -14,7 +14,7 @@ reach an armed point takes the file (a rename, so exactly one holds), writes
 the process is killed. Unarmed points cost one failed rename. The points:
 
 ``<run-name>.<site>.train.<round>``   client.site.train_site, before the site trains
-``<run-name>.server.aggregate.<round>``   server.strategy.Guard.aggregate_train, once
+``<run-name>.server.aggregate.<round>``   server.guard.Guard.aggregate_train, once
                                       every reply of the round is in, before aggregating
 """
 
@@ -70,7 +70,7 @@ def _patch_strategy(module) -> None:
     module.Guard.aggregate_train = aggregate_train
 
 
-PATCHES = {"client.site": _patch_site, "server.strategy": _patch_strategy}
+PATCHES = {"client.site": _patch_site, "server.guard": _patch_strategy}
 
 
 class _Finder(MetaPathFinder):

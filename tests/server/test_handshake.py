@@ -74,7 +74,7 @@ def test_different_model_or_input_size_is_named_with_both_values(server_run):
 
 
 def test_missing_sites_time_out_clearly(server_run):
-    from server.strategy import NodesUnavailable
+    from server.guard import NodesUnavailable
 
     sr = server_run
     sr.cfg = sr.cfg.replace(node_timeout=1.0)

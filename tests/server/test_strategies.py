@@ -8,7 +8,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.supercore.task_identity import TaskIdentity
 
 from common.config import RunConfig
-from server.strategy import Guard, RoundFailed, export_state, import_state, make_strategy
+from server.guard import Guard, RoundFailed
+from server.strategies import export_state, import_state, make_strategy
 from tests.helpers import GLOBAL, arrays, guard, reply
 
 
@@ -149,7 +150,7 @@ def test_a_corrupt_weights_payload_is_an_error_not_a_wrong_view():
 def test_in_place_mean_is_flowers_aggregate_byte_for_byte():
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-    from server.strategy import weighted_average
+    from server.strategies import weighted_average
 
     contents = [reply(k, arrays(k), 10.0 * k + 3).content for k in range(1, 5)]
     a, b = aggregate_arrayrecords(contents, "num-examples"), weighted_average(contents, "num-examples")
@@ -263,7 +264,29 @@ def test_the_training_deadline_starts_after_the_wait_for_a_restarting_site():
 
 
 def test_a_failed_reply_without_a_reason_is_named_not_a_crash(caplog):
-    from server.strategy import short_reason
+    from server.guard import short_reason
 
     assert short_reason(None) == short_reason("") == "the site gave no reason"
     assert short_reason("Traceback\n  File x\nValueError: disk full") == "ValueError: disk full"
+
+
+def test_one_registry_of_strategies_and_their_own_settings():
+    import argparse
+    from dataclasses import fields
+
+    from common.config import STRATEGY_SETTINGS, add_arguments
+    from server.strategies import BUILDERS
+
+    assert list(BUILDERS) == list(STRATEGY_SETTINGS)  # every name has exactly one builder
+    known = {f.name for f in fields(RunConfig)}
+    assert all(set(own) <= known for own in STRATEGY_SETTINGS.values())
+    p = argparse.ArgumentParser()
+    add_arguments(p, only=("strategy",))
+    assert "--strategy" in p.format_help()
+    help_text = next(f.metadata["help"] for f in fields(RunConfig) if f.name == "strategy")  # what --help shows
+    assert "fedprox (--proximal-mu)" in help_text and "fedavgm (--server-lr, --server-momentum)" in help_text
+    for name in STRATEGY_SETTINGS:  # each builds a real Flower strategy of its kind
+        s = make_strategy(RunConfig(strategy=name, clients=8), 8)
+        assert name.replace("fedtrimmedavg", "fedtrimmed").lower() in type(s).__name__.lower().lstrip("_")
+    with pytest.raises(ValueError, match="choose --strategy fedavg or fedprox, not fedadam"):
+        RunConfig(strategy="fedadam", dp="central", norm="group")
