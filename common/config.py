@@ -34,7 +34,8 @@ STRATEGY_SETTINGS: dict[str, tuple[str, ...]] = {
 STRATEGIES = tuple(STRATEGY_SETTINGS)
 CENTRAL_DP_STRATEGIES = ("fedavg", "fedprox")  # Flower's central-DP accountant needs FedAvg's own mean
 PARTITIONS = ("subset", "iid", "dirichlet", "scanner")
-ARCHS = ("resnet50", "resnet18", "resnet10")
+ARCHS = ("resnet50", "resnet18", "resnet10")  # built by common.training.model.LAYERS (a test keeps them in step)
+TRAIN_PARAMS = ("all", "norms+head")  # which weights training updates (common.training.model.set_trainable)
 DP_MODES = ("off", "local", "central")
 MODES = ("federated", "centralized")
 DEVICES = ("auto", "cpu", "cuda")
@@ -73,7 +74,7 @@ class RunConfig:
     momentum: float = _f(0.9, "momentum of --optimizer sgd")
     train_params: str = _f("all", "weights that training updates: all, or norms+head (normalisation scales and "
                            "shifts and the classifier, ~55 k of 23.5 M: far less DP noise per step)",
-                           choices=("all", "norms+head"))
+                           choices=TRAIN_PARAMS)
     weight_decay: float = _f(0.0, "weight decay")
     lr_schedule: str = _f("constant", "learning rate over the whole run, by data pass (the same passes in a "
                           "federated and a centralized run): constant, cosine (down to 0 at the last pass) or "

@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from torchvision.models import resnet
 
+from common.config import TRAIN_PARAMS
+
 log = logging.getLogger(__name__)
 
 LAYERS = {"resnet50": (resnet.Bottleneck, [3, 4, 6, 3]), "resnet18": (resnet.BasicBlock, [2, 2, 2, 2]),
@@ -69,7 +71,6 @@ def build_model(arch: str = "resnet50", norm: str = "batch") -> nn.Module:
     return model
 
 
-TRAIN_PARAMS = ("all", "norms+head")
 
 
 def set_trainable(model: nn.Module, which: str) -> list[nn.Parameter]:

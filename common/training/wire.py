@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecordValues, ConfigScalar
 
-WIRE_DTYPES = ("float32", "float16", "bfloat16")
+from common.config import UPDATE_DTYPES as WIRE_DTYPES
 
 
 def _to_bf16_bits(a: np.ndarray) -> np.ndarray:

@@ -79,3 +79,10 @@ def test_evaluate_and_deadline_and_fedprox_term():
     with torch.no_grad():
         model.fc.bias += 1.0
     assert float(term(model)) == pytest.approx(1.0)  # mu/2 * ||delta||^2 = 2/2 * 1
+
+
+def test_the_model_builds_every_architecture_the_config_offers():
+    from common.config import ARCHS
+    from common.training.model import LAYERS
+
+    assert tuple(LAYERS) == ARCHS
