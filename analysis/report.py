@@ -12,6 +12,7 @@ import base64
 import html
 import logging
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,19 @@ class Run:
     @property
     def federated(self) -> bool:
         return self.config["mode"] == "federated"
+
+    @property
+    def arm(self) -> str:
+        """The label without its seed: runs of one arm differ only in ``--seed``."""
+        return re.sub(r"\s*\(seed \d+\)$", "", self.label)
+
+    @property
+    def seed(self) -> int:
+        return int(self.config.get("seed", 0))
+
+    @property
+    def operating_point(self) -> dict | None:
+        return self.summary["test"].get("operating_point")
 
     def metric(self, key: str) -> float:
         return float(self.summary["test"]["metrics"].get(key, math.nan))
@@ -159,6 +173,56 @@ def auc_at_steps(curve: list[tuple[float, float]], steps: float) -> float:
     return float(np.interp(steps, xs, ys))
 
 
+CLOSE = 0.01  # "as good as pooled": within this much test ROC-AUC of the centralized baseline
+
+
+def auc_curve(run: Run) -> list[tuple[int, float]]:
+    """(data passes, test ROC-AUC) of every evaluated round, from ``rounds.jsonl``."""
+    return [(int(r["data_passes"]), float(r["test_roc_auc"])) for r in run.rounds
+            if "test_roc_auc" in r and math.isfinite(float(r["test_roc_auc"]))]
+
+
+def passes_to_reach(run: Run, target: float) -> int | None:
+    """The first evaluated number of data passes at which the run's test AUC is at least
+    ``target``; None if it never got there within the run."""
+    return next((p for p, auc in auc_curve(run) if auc >= target - 1e-12), None)
+
+
+def central_for(run: Run, runs: list[Run]) -> Run | None:
+    """The centralized run to compare ``run`` with: the one with the same seed, else the first."""
+    central = [r for r in runs if not r.federated]
+    return next((c for c in central if c.seed == run.seed), central[0] if central else None)
+
+
+def catch_up(run: Run, central: Run) -> dict:
+    """How many passes ``run`` needed to come within :data:`CLOSE` of ``central``'s final
+    test AUC (read from both runs' learning curves), or the gap it ended with."""
+    target = central.metric("roc_auc") - CLOSE
+    passes = passes_to_reach(run, target)
+    curve = auc_curve(run)
+    best = max(curve, key=lambda pa: pa[1]) if curve else (None, math.nan)
+    return {"target": target, "passes": passes, "run_passes": int(run.summary["data_passes"]),
+            "central_passes": passes_to_reach(central, target), "final_gap": run.metric("roc_auc")
+            - central.metric("roc_auc"), "best_auc": best[1], "best_at": best[0]}
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1; NaN for one value) of the finite values."""
+    v = np.array([x for x in values if x is not None and math.isfinite(x)], dtype=float)
+    if len(v) == 0:
+        return math.nan, math.nan
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else math.nan
+
+
+def pm(values: list[float]) -> str:
+    m, sd = mean_sd(values)
+    return f"{fmt(m)} ± {fmt(sd)}" if math.isfinite(sd) else fmt(m)
+
+
+def pct(v: float | None) -> str:
+    return "n/a" if v is None or not math.isfinite(v) else f"{100 * v:.1f}%"
+
+
 def froc_result(run: Run) -> froc.FROCResult | None:
     d = run.summary["test"].get("froc")
     if not d:
@@ -166,6 +230,28 @@ def froc_result(run: Run) -> froc.FROCResult | None:
     return froc.FROCResult(d["cpm"], tuple(d["sensitivities"]), np.array(d["fps_per_scan"]),
                            np.array(d["sensitivity"]), d["n_scans"], d["n_nodules"], d["n_marks"],
                            tuple(d["cpm_ci"]) if d["cpm_ci"] else None, None)
+
+
+def explain_gap(run: Run, central: Run, auc: float, central_same_steps: float) -> str:
+    """One sentence on ``run``'s gap to ``central``, chosen by the numbers (not fixed prose)."""
+    gap = run.metric("roc_auc") - central.metric("roc_auc")
+    if gap >= -CLOSE:
+        return (f"- {run.label}: within {CLOSE} of centralized at equal data passes (ΔAUC {fmt(gap)}); nothing "
+                "to explain.")
+    if not math.isfinite(central_same_steps):
+        return (f"- {run.label}: {fmt(-gap)} below centralized; its steps fall outside the centralized curve, so "
+                "the step count cannot be compared.")
+    d = auc - central_same_steps
+    if abs(d) <= CLOSE:
+        return (f"- {run.label}: {fmt(-gap)} below centralized at equal passes, but within {CLOSE} of centralized "
+                f"after as many sequential steps ({fmt(auc)} vs {fmt(central_same_steps)}): the gap is optimization "
+                "progress (fewer sequential steps), which more rounds close.")
+    if d < 0:
+        return (f"- {run.label}: {fmt(-gap)} below centralized at equal passes and {fmt(-d)} below it even after as "
+                "many sequential steps: fewer steps do not explain all of the gap (client drift, non-IID sites or "
+                "BatchNorm under averaging may).")
+    return (f"- {run.label}: {fmt(-gap)} below centralized at equal passes, but {fmt(d)} above it after as many "
+            "sequential steps: per step, averaging the sites' paths helps; the gap is the steps it has not taken.")
 
 
 def build_report(runs: list[Run], out: Path, folds: list[Run] | None = None) -> tuple[Path, Path]:
@@ -206,32 +292,105 @@ def build_report(runs: list[Run], out: Path, folds: list[Run] | None = None) -> 
            "| run | " + " | ".join(name for _, name in SHOWN) + " |", "| --- |" + " --- |" * len(SHOWN)]
     for r in runs:
         md.append(f"| {r.label} | " + " | ".join(with_ci(r, k) for k, _ in SHOWN) + " |")
+    ops = [r for r in runs if r.operating_point]
+    if ops:
+        md += ["", "## At the operating point chosen without pooling data", "",
+               "Beside the fixed 0.5: the threshold each run chose on validation data, never on the test split. "
+               "A federated run's sites send only per-threshold counts of their validation positives and negatives "
+               "scoring above each of a fixed grid of thresholds; the server adds them up and takes the threshold "
+               "that maximises the rule (youden: recall + specificity - 1; f1: F1). The centralized baseline applies "
+               "the same functions to its pooled validation split. Test figures at the natural class ratio, 95% CIs "
+               "by bootstrap over patients.", "",
+               "| run | threshold (rule, chosen from) | accuracy | recall | precision | at 0.5: accuracy / recall / "
+               "precision |", "| --- | --- | --- | --- | --- | --- |"]
+        for r in ops:
+            op = r.operating_point
+            cells = []
+            for k in ("accuracy", "recall", "precision"):
+                lo, hi = op["ci95"].get(k, (None, None))
+                cells.append(f"{pct(op['metrics'][k])} [{pct(lo)}, {pct(hi)}]")
+            md.append(f"| {r.label} | {op['threshold']:g} ({op['rule']}, {op['chosen_from']}) | " + " | ".join(cells)
+                      + f" | {pct(r.metric('accuracy'))} / {pct(r.metric('recall'))} / {pct(r.metric('precision'))} |")
+    arms: dict[str, list[Run]] = {}
+    for r in runs:
+        arms.setdefault(r.arm, []).append(r)
+    if any(len(v) > 1 for v in arms.values()):
+        md += ["", "## Over seeds (mean ± sd across runs; each run's own 95% bootstrap CI beside it)", "",
+               "| arm | seeds | ROC-AUC | CPM | accuracy / recall / precision at the operating point | each run: "
+               "ROC-AUC [95% CI] |", "| --- | --- | --- | --- | --- | --- |"]
+        for arm, group in arms.items():
+            at = [[(g.operating_point or {}).get("metrics", {}).get(k, math.nan) for g in group]
+                  for k in ("accuracy", "recall", "precision")]
+            md.append(f"| {arm} | {', '.join(str(g.seed) for g in group)} | {pm([g.metric('roc_auc') for g in group])} "
+                      f"| {pm([g.metric('cpm') for g in group])} | {' / '.join(pm(v) for v in at)} | "
+                      + "; ".join(f"seed {g.seed}: {with_ci(g, 'roc_auc')}" for g in group) + " |")
     if central is not None:
         md += ["", "## What federation costs (test ROC-AUC minus centralized, paired bootstrap over patients)", "",
-               "| run | ΔAUC | 95% CI | ΔCPM |", "| --- | --- | --- | --- |"]
+               "Each federated run is paired with the centralized run of its own seed (same test candidates).", "",
+               "| run | seed | ΔAUC | 95% CI | ΔCPM |", "| --- | --- | --- | --- | --- |"]
+        deltas: dict[str, list[float]] = {}
         for r in runs:
-            if r is central:
+            c = central_for(r, runs)
+            if not r.federated or c is None:
                 continue
-            d = paired_auc_difference(central, r)
-            dcpm = r.metric("cpm") - central.metric("cpm")
-            md.append(f"| {r.label} | {fmt(d[0]) if d else 'n/a'} | "
+            d = paired_auc_difference(c, r)
+            dcpm = r.metric("cpm") - c.metric("cpm")
+            if d:
+                deltas.setdefault(r.arm, []).append(d[0])
+            md.append(f"| {r.label} | {r.seed} | {fmt(d[0]) if d else 'n/a'} | "
                       f"{f'[{fmt(d[1])}, {fmt(d[2])}]' if d else 'n/a'} | {fmt(dcpm)} |")
-        central_curve = sequential_steps(central)
-        fed = [(r, c) for r in runs if r.federated and (c := sequential_steps(r))]
-        if central_curve and fed:
-            md += ["", "### Why: optimizer steps behind the final model", "",
+        if any(len(v) > 1 for v in deltas.values()):
+            md += ["", "| arm | ΔAUC mean ± sd over seeds | seeds whose 95% CI excludes 0 |", "| --- | --- | --- |"]
+            for arm, ds in deltas.items():
+                group = [r for r in arms[arm] if central_for(r, runs) is not None]
+                excl = sum(1 for r in group if (d := paired_auc_difference(central_for(r, runs), r))
+                           and (d[1] > 0 or d[2] < 0))
+                md.append(f"| {arm} | {pm(ds)} | {excl} of {len(group)} |")
+        fed_runs = [r for r in runs if r.federated and central_for(r, runs) is not None]
+        if fed_runs:
+            md += ["", f"### Data passes to come within {CLOSE} of centralized (from the learning curves)", "",
+                   f"Target: the centralized run's final test ROC-AUC minus {CLOSE} (same seed). Read from each "
+                   "run's `rounds.jsonl` at the rounds it evaluated.", "",
+                   "| run | target AUC | passes the federated run needed | passes the centralized run needed | "
+                   "final ΔAUC | best AUC (at passes) |", "| --- | --- | --- | --- | --- | --- |"]
+            lines = []
+            for r in fed_runs:
+                c = central_for(r, runs)
+                cu = catch_up(r, c)
+                got = (str(cu["passes"]) if cu["passes"] is not None
+                       else f"not within its {cu['run_passes']} passes")
+                cp = cu["central_passes"] if cu["central_passes"] is not None else "n/a"
+                md.append(f"| {r.label} | {fmt(cu['target'])} | {got} | {cp} | "
+                          f"{fmt(cu['final_gap'])} | {fmt(cu['best_auc'])} ({cu['best_at']}) |")
+                if cu["passes"] is not None:
+                    lines.append(f"- {r.label} came within {CLOSE} of centralized ({fmt(c.metric('roc_auc'))}) after "
+                                 f"{cu['passes']} data passes (centralized: {cu['central_passes']}).")
+                else:
+                    lines.append(f"- {r.label} did not come within {CLOSE} of centralized ({fmt(c.metric('roc_auc'))}) "
+                                 f"in its {cu['run_passes']} data passes: it ended {fmt(-cu['final_gap'])} below, "
+                                 f"its best was {fmt(cu['best_auc'])} at {cu['best_at']} passes.")
+            md += ["", *lines]
+        fed = [(r, c, cc) for r in fed_runs if (c := sequential_steps(r))
+               and (cc := sequential_steps(central_for(r, runs)))]
+        if fed:
+            md += ["", "### Optimizer steps behind the final model", "",
                    "At equal passes over the data, a federated global model has moved along one site's local "
                    "path per round (local epochs x the site's examples / batch); FedAvg averages sites side by "
                    "side, it does not chain them. The centralized model takes the pooled data's steps one after "
-                   "another. Where the federated AUC equals the centralized AUC after as many steps, the gap is "
-                   "optimization progress (more rounds close it), not client drift or BatchNorm averaging.", "",
+                   "another.", "",
                    "| run | steps behind the final model | its test AUC | centralized AUC after as many steps | "
                    "centralized steps |", "| --- | --- | --- | --- | --- |"]
-            md.append(f"| {central.label} | {central_curve[-1][0]:.0f} | {fmt(central_curve[-1][1])} | | |")
-            for r, c in fed:
-                md.append(f"| {r.label} | {c[-1][0]:.0f} | {fmt(c[-1][1])} | "
-                          f"{fmt(auc_at_steps(central_curve, c[-1][0]))} | "
-                          f"{central_curve[-1][0]:.0f} |")
+            shown = set()
+            why = []
+            for r, c, cc in fed:
+                cr = central_for(r, runs)
+                if cr.label not in shown:
+                    md.append(f"| {cr.label} | {cc[-1][0]:.0f} | {fmt(cc[-1][1])} | | |")
+                    shown.add(cr.label)
+                same = auc_at_steps(cc, c[-1][0])
+                md.append(f"| {r.label} | {c[-1][0]:.0f} | {fmt(c[-1][1])} | {fmt(same)} | {cc[-1][0]:.0f} |")
+                why.append(explain_gap(r, cr, c[-1][1], same))
+            md += ["", *why]
     priv = [r for r in runs if r.audit is not None or r.config["dp"] != "off"]
     if priv:
         md += ["", "## Utility against privacy", "",

@@ -4,12 +4,20 @@
     python sim/compare.py --runs runs/a runs/b ...     # report on finished results folders
     python sim/compare.py --privacy                    # add DP runs (two epsilons; a public start) and audits
     python sim/compare.py --folds 0,1,2,3,4,5,6,7,8,9  # LUNA16 cross-validation of the baseline
+    python sim/compare.py --seeds 0,1,2                # every arm with every seed: mean ± sd, ΔAUC per seed
+    python sim/compare.py --arms centralized,fed-iid-fedavg   # only some arms of the standard set
 
 The standard set: the centralized baseline, federated IID with FedAvg, and federated
 non-IID (--non-iid, default scanner) with FedAvg and FedProx, all with the same model,
 test split and number of passes over the training data (a federated run of R rounds x E
 local epochs makes R x E passes; the baseline runs R x E epochs on the pooled data).
 Runs whose folder already holds a summary.json are read, not rerun.
+
+With --seeds S1,S2,...: every arm runs once per seed (folders ``<arm>-seed<S>``); the
+report gives each arm's mean ± sd over seeds beside each run's bootstrap CI, and the
+paired ΔAUC of each federated run against the centralized run of its seed. The seed
+draws the partition, sampling and training, and (without --data) the synthetic data
+set itself, so the spread covers data as well as training.
 
 With --privacy: DP at epsilon 8 and 2 from random weights, the GroupNorm model without DP,
 and DP at epsilon 8 starting from a model trained without DP on *public* data (the field's
@@ -110,16 +118,25 @@ def main(argv: list[str] | None = None) -> int:
                    "epsilon 8 from a model trained on public data) and membership audits")
     p.add_argument("--public-data", default="", help="LUNA16-format folder of public data for the --privacy "
                    "run with public pretraining (default: synthetic scans made with another seed)")
+    p.add_argument("--seeds", default="", help="comma list of seeds: run every arm with each (overrides --seed)")
+    p.add_argument("--arms", default="", help="comma list of the standard set's folder names to run "
+                   "(default: all; e.g. centralized,fed-iid-fedavg)")
     p.add_argument("--folds", default="", help="comma list of LUNA16 subsets: centralized runs testing on each")
     add_arguments(p, only=PASS_THROUGH)
     args = p.parse_args(argv)
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--seeds {args.seeds!r}: expected a comma list of integers")
+    if len(set(seeds)) != len(seeds):
+        p.error(f"--seeds {args.seeds!r}: a seed is repeated")
 
     from analysis.report import Run, build_report
 
     common: list[str] = []
     for name in PASS_THROUGH:
         v = getattr(args, name)
-        if v is not None:
+        if v is not None and not (seeds and name == "seed"):
             common += [f"--{name.replace('_', '-')}", str(v)]
     runs: list[Run] = []
     if args.runs:
@@ -133,12 +150,25 @@ def main(argv: list[str] | None = None) -> int:
     else:
         runs_dir = Path(args.runs_dir)
         print(f"running the standard comparison into {runs_dir}")
-        for label, name, extra in standard_runs(args.non_iid, args.privacy):
-            runs.append(Run.load(label, run_one(name, extra, common, runs_dir)))
-        if args.privacy:
-            weights = public_model(args.public_data, args.seed or 0, common, runs_dir)
-            label, name, extra = public_dp_run(weights)
-            runs.append(Run.load(label, run_one(name, extra, common, runs_dir)))
+        arms = standard_runs(args.non_iid, args.privacy)
+        if args.arms:
+            wanted = [a.strip() for a in args.arms.split(",") if a.strip()]
+            unknown = sorted(set(wanted) - {name for _, name, _ in arms})
+            if unknown:
+                p.error(f"--arms: unknown {', '.join(unknown)}; the standard set has "
+                        f"{', '.join(name for _, name, _ in arms)}")
+            arms = [a for a in arms if a[1] in wanted]
+        for seed in seeds or [None]:
+            tag, seeded = ("", common) if seed is None else (f"-seed{seed}", [*common, "--seed", str(seed)])
+            for label, name, extra in arms:
+                runs.append(Run.load(label if seed is None else f"{label} (seed {seed})",
+                                     run_one(name + tag, extra, seeded, runs_dir)))
+            if args.privacy:
+                weights = public_model(args.public_data, seed if seed is not None else (args.seed or 0), seeded,
+                                       runs_dir / f"public{tag}" if tag else runs_dir)
+                label, name, extra = public_dp_run(weights)
+                runs.append(Run.load(label if seed is None else f"{label} (seed {seed})",
+                                     run_one(name + tag, extra, seeded, runs_dir)))
     if args.privacy or any(r.config["dp"] != "off" for r in runs):
         from analysis.audit import membership_audit
 

@@ -241,3 +241,89 @@ def test_report_renders_offline_in_a_real_browser_with_every_image(finished_runs
     assert all(u.startswith(("file:", "data:")) for u in requested), requested
     assert [u for u in requested if u.startswith("file:")] == [page.resolve().as_uri()]
     assert (out / "report.png").stat().st_size > 20_000  # the screenshot, beside the report
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_report_explanation_and_operating_point_are_computed_from_the_runs(finished_runs, tmp_path):
+    """The catch-up table and its sentences come from rounds.jsonl; the operating-point row from summary.json."""
+    from analysis.report import CLOSE, Run, build_report
+
+    central, fed = Run.load("central", finished_runs / "central"), Run.load("fed", finished_runs / "fed")
+    md = build_report([central, fed], tmp_path / "r")[0].read_text().splitlines()
+    c_auc = json.loads((finished_runs / "central" / "summary.json").read_text())["test"]["metrics"]["roc_auc"]
+    target = c_auc - CLOSE
+    curve = [(r["data_passes"], r["test_roc_auc"]) for r in _rows(finished_runs / "fed" / "rounds.jsonl")
+             if "test_roc_auc" in r]
+    needed = next((p for p, a in curve if a >= target), None)
+    row = next(line for line in md if line.startswith("| fed | ") and line.count("|") == 7)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert float(cells[1]) == round(target, 3)
+    fed_summary = json.loads((finished_runs / "fed" / "summary.json").read_text())
+    if needed is None:
+        assert cells[2] == f"not within its {fed_summary['data_passes']} passes"
+        assert any(line.startswith("- fed did not come within") for line in md)
+    else:
+        assert cells[2] == str(needed)
+        assert any(line.startswith(f"- fed came within {CLOSE} of centralized") for line in md)
+    assert float(cells[4]) == round(fed_summary["test"]["metrics"]["roc_auc"] - c_auc, 3)
+    # the steps sentence is chosen by the numbers: nothing to explain within CLOSE, else the gap named
+    gap = fed_summary["test"]["metrics"]["roc_auc"] - c_auc
+    sentence = next(line for line in md if line.startswith("- fed: "))
+    if gap >= -CLOSE:
+        assert "nothing to explain" in sentence
+    else:
+        assert sentence.startswith(f"- fed: {-gap:.3f} below centralized")
+    for name in ("central", "fed"):
+        op = json.loads((finished_runs / name / "summary.json").read_text())["test"]["operating_point"]
+        line = next(x for x in md if x.startswith(f"| {name} | {op['threshold']:g} ("))
+        assert f"{100 * op['metrics']['recall']:.1f}%" in line.split("|")[4]
+        assert f"{100 * op['metrics']['precision']:.1f}%" in line.split("|")[5]
+    assert "sites' summed validation counts" in next(x for x in md if x.startswith("| fed | ") and "youden" in x)
+    assert "pooled validation split" in next(x for x in md if x.startswith("| central | ") and "youden" in x)
+
+
+def test_seeds_run_every_arm_with_every_seed_and_the_report_gives_mean_sd(tiny_root, tmp_path):
+    import os
+
+    import numpy as np
+
+    from common.evaluation.metrics import binary_metrics
+
+    env = {**os.environ, "LUNAFL_HOME": str(tmp_path / "home")}
+    p = subprocess.run([sys.executable, "sim/compare.py", "--seeds", "3,4", "--arms", "centralized,fed-iid-fedavg",
+                        "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "report"), "--data",
+                        str(tiny_root), "--cache-dir", str(tmp_path / "cache"),
+                        *tiny_args("image_size", "arch", "batch_size", "workers", "clients", "rounds", "local_epochs")],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, p.stderr[-3000:]
+    runs = {}
+    for arm in ("centralized", "fed-iid-fedavg"):
+        for seed in (3, 4):
+            path = tmp_path / "runs" / f"{arm}-seed{seed}"
+            assert json.loads((path / "config.json").read_text())["config"]["seed"] == seed
+            runs[arm, seed] = json.loads((path / "summary.json").read_text())
+    md = (tmp_path / "report" / "report.md").read_text().splitlines()
+    for arm, label in (("centralized", "centralized"), ("fed-iid-fedavg", "federated IID FedAvg")):
+        aucs = [runs[arm, s]["test"]["metrics"]["roc_auc"] for s in (3, 4)]
+        row = next(line for line in md if line.startswith(f"| {label} | 3, 4 | "))
+        assert f"{np.mean(aucs):.3f} ± {np.std(aucs, ddof=1):.3f}" in row.split("|")[3]
+        for s in (3, 4):
+            lo, hi = runs[arm, s]["test"]["ci95"]["roc_auc"]
+            assert f"seed {s}: {aucs[(3, 4).index(s)]:.3f} [{lo:.3f}, {hi:.3f}]" in row
+    # the paired ΔAUC of each seed is against the centralized run of the same seed
+    deltas = []
+    for s in (3, 4):
+        c = np.load(tmp_path / "runs" / f"centralized-seed{s}" / "test_predictions.npz")
+        f = np.load(tmp_path / "runs" / f"fed-iid-fedavg-seed{s}" / "test_predictions.npz")
+        d = binary_metrics(f["labels"], f["logits"])["roc_auc"] - binary_metrics(c["labels"], c["logits"])["roc_auc"]
+        deltas.append(d)
+        row = next(line for line in md if line.startswith(f"| federated IID FedAvg (seed {s}) | {s} | "))
+        assert float(row.split("|")[3]) == round(d, 3)
+    row = next(line for line in md if line.startswith("| federated IID FedAvg | ") and "of 2" in line)
+    assert f"{np.mean(deltas):.3f} ± {np.std(deltas, ddof=1):.3f}" in row
+    bad = subprocess.run([sys.executable, "sim/compare.py", "--arms", "nope", "--runs-dir", str(tmp_path / "x")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown nope" in bad.stderr

@@ -144,10 +144,10 @@ def test_a_store_that_fails_mid_run_is_a_warning_and_keeps_what_it_had(tmp_path,
 
 
 def test_site_names_become_metric_names_mlflow_accepts_and_a_uri_without_tracking_is_an_error():
-    from common.tracker import site_metrics
     from mlflow.utils.validation import _validate_metric_name
 
     from common.config import RunConfig
+    from experiment.tracker import site_metrics
 
     for site in ("site-3", "Hospital A", "uk/leeds:ct", "../x", "ä"):
         named = site_metrics("train", site, {"train-loss": 0.5, "dp-epsilon": 2.0, "started-at": 1.0})
