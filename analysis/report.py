@@ -254,9 +254,8 @@ def explain_gap(run: Run, central: Run, auc: float, central_same_steps: float) -
             "sequential steps: per step, averaging the sites' paths helps; the gap is the steps it has not taken.")
 
 
-def build_report(runs: list[Run], out: Path, folds: list[Run] | None = None) -> tuple[Path, Path]:
-    """Write ``report.md`` and ``report.html`` (with the plots) into ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
+def figures(runs: list[Run], out: Path) -> tuple[dict[str, Path], dict[str, tuple[list[Path], dict]]]:
+    """The report's plots (written into ``out``) by title, and each run's CAM figures and scores."""
     images: dict[str, Path] = {}
     learning_curves({r.label: r.rounds for r in runs}, out / "learning_curves.png", NOTICE)
     images["Learning curves (x: passes over the training data)"] = out / "learning_curves.png"
@@ -274,15 +273,23 @@ def build_report(runs: list[Run], out: Path, folds: list[Run] | None = None) -> 
     from analysis.cams import cam_figures
 
     cam_docs = {r.label: doc for r in runs if (doc := cam_figures(r.path)) is not None}
-    cams = {label: pngs for label, (pngs, _) in cam_docs.items()}
+    return images, cam_docs
 
-    central = next((r for r in runs if not r.federated), None)
-    md: list[str] = ["# Centralized vs federated: lung-nodule classification", "", f"> {NOTICE}", ""]
+
+def runs_table(runs: list[Run]) -> list[str]:
+    """What each run was: setting, data passes, wall time, bytes."""
+    md: list[str] = []
     md += ["## Runs", "", "| run | setting | data passes | wall time | bytes communicated | folder |",
            "| --- | --- | --- | --- | --- | --- |"]
     for r in runs:
         md.append(f"| {r.label} | {r.describe()} | {r.summary['data_passes']} | "
                   f"{r.summary['wall_seconds'] / 60:.1f} min | {r.bytes_total() / 2**30:.2f} GiB | `{r.path}` |")
+    return md
+
+
+def test_metrics(runs: list[Run]) -> list[str]:
+    """Every run's test metrics with 95% CIs at the fixed 0.5."""
+    md: list[str] = []
     ratio = runs[0].summary["test"].get("class_ratio", "")
     md += ["", "## Test metrics with 95% confidence intervals (bootstrap over patients)", "",
            f"Test split: {runs[0].summary['test']['test_scans']} held-out scans, "
@@ -292,6 +299,12 @@ def build_report(runs: list[Run], out: Path, folds: list[Run] | None = None) -> 
            "| run | " + " | ".join(name for _, name in SHOWN) + " |", "| --- |" + " --- |" * len(SHOWN)]
     for r in runs:
         md.append(f"| {r.label} | " + " | ".join(with_ci(r, k) for k, _ in SHOWN) + " |")
+    return md
+
+
+def operating_points(runs: list[Run]) -> list[str]:
+    """Threshold metrics at the operating point each run chose without pooling data."""
+    md: list[str] = []
     ops = [r for r in runs if r.operating_point]
     if ops:
         md += ["", "## At the operating point chosen without pooling data", "",
@@ -311,9 +324,20 @@ def build_report(runs: list[Run], out: Path, folds: list[Run] | None = None) -> 
                 cells.append(f"{pct(op['metrics'][k])} [{pct(lo)}, {pct(hi)}]")
             md.append(f"| {r.label} | {op['threshold']:g} ({op['rule']}, {op['chosen_from']}) | " + " | ".join(cells)
                       + f" | {pct(r.metric('accuracy'))} / {pct(r.metric('recall'))} / {pct(r.metric('precision'))} |")
+    return md
+
+
+def arms_of(runs: list[Run]) -> dict[str, list[Run]]:
+    """Runs grouped by arm (the same setting with other seeds)."""
     arms: dict[str, list[Run]] = {}
     for r in runs:
         arms.setdefault(r.arm, []).append(r)
+    return arms
+
+
+def over_seeds(runs: list[Run], arms: dict[str, list[Run]]) -> list[str]:
+    """Mean ± sd over seeds, each run's own CI beside it."""
+    md: list[str] = []
     if any(len(v) > 1 for v in arms.values()):
         md += ["", "## Over seeds (mean ± sd across runs; each run's own 95% bootstrap CI beside it)", "",
                "| arm | seeds | ROC-AUC | CPM | accuracy / recall / precision at the operating point | each run: "
@@ -324,7 +348,13 @@ def build_report(runs: list[Run], out: Path, folds: list[Run] | None = None) -> 
             md.append(f"| {arm} | {', '.join(str(g.seed) for g in group)} | {pm([g.metric('roc_auc') for g in group])} "
                       f"| {pm([g.metric('cpm') for g in group])} | {' / '.join(pm(v) for v in at)} | "
                       + "; ".join(f"seed {g.seed}: {with_ci(g, 'roc_auc')}" for g in group) + " |")
-    if central is not None:
+    return md
+
+
+def federation_cost(runs: list[Run], arms: dict[str, list[Run]]) -> list[str]:
+    """Federated minus centralized: paired differences, passes to catch up, steps behind each model."""
+    md: list[str] = []
+    if next((r for r in runs if not r.federated), None) is not None:
         md += ["", "## What federation costs (test ROC-AUC minus centralized, paired bootstrap over patients)", "",
                "Each federated run is paired with the centralized run of its own seed (same test candidates).", "",
                "| run | seed | ΔAUC | 95% CI | ΔCPM |", "| --- | --- | --- | --- | --- |"]
@@ -391,6 +421,12 @@ def build_report(runs: list[Run], out: Path, folds: list[Run] | None = None) -> 
                 md.append(f"| {r.label} | {c[-1][0]:.0f} | {fmt(c[-1][1])} | {fmt(same)} | {cc[-1][0]:.0f} |")
                 why.append(explain_gap(r, cr, c[-1][1], same))
             md += ["", *why]
+    return md
+
+
+def privacy_table(runs: list[Run]) -> list[str]:
+    """Utility against privacy: epsilon, start, test AUC, the membership attack."""
+    md: list[str] = []
     priv = [r for r in runs if r.audit is not None or r.config["dp"] != "off"]
     if priv:
         md += ["", "## Utility against privacy", "",
@@ -412,6 +448,12 @@ def build_report(runs: list[Run], out: Path, folds: list[Run] | None = None) -> 
             start = f"{w.parent.name}/{w.name} ({fmt(start0[0] if start0 else None)})" if w.name else "random"
             md.append(f"| {r.label} | {r.config['dp']} | {fmt(eps, 2)} | {start} | {fmt(r.metric('roc_auc'))} | "
                       f"{fmt(a.get('attack_auc'))} | {fmt(a.get('tpr_at_1pct_fpr'))} |")
+    return md
+
+
+def per_site(runs: list[Run]) -> list[str]:
+    """Each federated run's sites on their own validation data."""
+    md: list[str] = []
     for r in runs:
         if not r.federated:
             continue
@@ -427,6 +469,12 @@ def build_report(runs: list[Run], out: Path, folds: list[Run] | None = None) -> 
             md.append(f"| {s['site']} | {fmt(s['val_candidates'], 0)} | {fmt(s['val_roc_auc'])} | "
                       f"{fmt(s['val_accuracy'])} | {fmt(s['val_recall'])} | {fmt(s['val_loss'])} | "
                       f"{fmt(s['train_examples_per_epoch'], 0)} | {s['failed_or_rejected']} |")
+    return md
+
+
+def cross_validation(folds: list[Run] | None) -> list[str]:
+    """The centralized baseline once per LUNA16 test subset."""
+    md: list[str] = []
     if folds:
         aucs = [f.metric("roc_auc") for f in folds]
         cpms = [f.metric("cpm") for f in folds]
@@ -436,6 +484,12 @@ def build_report(runs: list[Run], out: Path, folds: list[Run] | None = None) -> 
             md.append(f"| {f.config['test_subsets']} | {fmt(f.metric('roc_auc'))} | {fmt(f.metric('cpm'))} |")
         md.append(f"| mean ± sd | {fmt(float(np.nanmean(aucs)))} ± {fmt(float(np.nanstd(aucs)))} | "
                   f"{fmt(float(np.nanmean(cpms)))} ± {fmt(float(np.nanstd(cpms)))} |")
+    return md
+
+
+def cam_scores(cam_docs: dict[str, tuple[list[Path], dict]]) -> list[str]:
+    """The pointing game with its controls, per run."""
+    md: list[str] = []
     if cam_docs:
         md += ["", "## Where the model looks (Class Activation Maps)", "",
                "Pointing game: the share of test patches whose heatmap peak falls inside the annotated nodule "
@@ -451,12 +505,32 @@ def build_report(runs: list[Run], out: Path, folds: list[Run] | None = None) -> 
                       f"| {fmt(pos.get('axial'))} (n={pos.get('n')}) | {fmt(sh.get('axial'))} | "
                       f"{fmt(pos.get('random_init', {}).get('axial'))} | "
                       f"{fmt(sh.get('centre_baseline', {}).get('axial'))} |")
+    return md
+
+
+def plots_section(images: dict[str, Path], cams: dict[str, list[Path]]) -> list[str]:
+    """The plots, by title."""
+    md: list[str] = []
     md += ["", "## Plots", ""]
     for title, path in images.items():
         md += [f"### {title}", "", f"![{title}]({path.name})", ""]
     for label, files in cams.items():
         for f in files:
             md += [f"### Where the model looks: {label} ({f.name})", "", f"![{label}]({f})", ""]
+    return md
+
+
+def build_report(runs: list[Run], out: Path, folds: list[Run] | None = None) -> tuple[Path, Path]:
+    """Write ``report.md`` and ``report.html`` (with the plots) into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    images, cam_docs = figures(runs, out)
+    cams = {label: pngs for label, (pngs, _) in cam_docs.items()}
+    arms = arms_of(runs)
+    md: list[str] = ["# Centralized vs federated: lung-nodule classification", "", f"> {NOTICE}", ""]
+    for section in (runs_table(runs), test_metrics(runs), operating_points(runs), over_seeds(runs, arms),
+                    federation_cost(runs, arms), privacy_table(runs), per_site(runs), cross_validation(folds),
+                    cam_scores(cam_docs), plots_section(images, cams)):
+        md += section
     md_path = out / "report.md"
     atomic_write_text(md_path, "\n".join(md) + "\n")
     html_path = out / "report.html"
