@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test-subset", type=int, default=9, help="LUNA16 subset of the extra test scans (default 9)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0); same seed, same bytes")
     p.add_argument("--full-size", action="store_true",
-                   help="512 x 512 slices through the whole chest (default: a body-fitted field of view, ~330-400 "
+                   help="512 x 512 slices through the whole chest (default: a body-fitted field of view, ~300-410 "
                    "pixels at 0.80-0.98 mm, through a 56-72 mm slab)")
     p.add_argument("--workers", type=int, default=2, help="processes (default 2)")
     args = p.parse_args(argv)

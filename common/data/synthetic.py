@@ -12,7 +12,7 @@ Scale: the chest is an adult's (276-320 mm wide), so that a 48 mm patch shows lu
 parenchyma, vessels and at most a piece of chest wall, as a LUNA16 patch does. The default
 scan keeps that small with a field of view fitted to the body (as a scanner's display FOV
 is chosen per patient), in-plane spacing at the coarse end of LUNA16's 0.46-0.98 mm and a
-56-72 mm slab of the chest: ~330-400 pixels across and 25-95 slices.
+56-72 mm slab of the chest: ~300-410 pixels across and 24-91 slices.
 
 Each scan comes from one of four synthetic scanner models ("vendor-A".."vendor-D") with its
 own noise, reconstruction kernel, slice spacing and HU calibration, recorded in
@@ -112,7 +112,7 @@ def make_scan(seed: int, index: int, full_size: bool = False, subset: int | None
     The chest is drawn at adult scale (276-320 mm wide, 180-235 mm front to back). The
     default reconstructs a field of view fitted to the body (as a scanner's display FOV is
     chosen per patient) on a pixel grid that is coarse but inside LUNA16's range (0.46-0.98
-    mm), through a 56-72 mm slab of the chest: about 330-440 pixels across and a tenth of a
+    mm), through a 56-72 mm slab of the chest: about 300-410 pixels across and a tenth of a
     512 x 512 x 300 mm scan's voxels. ``full_size`` writes 512 x 512 slices over 260-320 mm.
     ``subset`` overrides the round-robin LUNA16 fold (extra test-only scans go to one fold).
     """
