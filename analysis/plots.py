@@ -145,6 +145,7 @@ def site_curves(rows: Sequence[dict], events: Sequence[dict], path: Path, label:
         site_lines(ax, train, "dp-epsilon")
         ax.set_title("privacy spent: cumulative epsilon at each site (local DP)", fontsize=10)
         ax.set_ylabel("epsilon (per CT patch, RDP accountant)", fontsize=9)
+        ax.set_ylim(bottom=0)
     else:
         site_lines(ax, train, "train-seconds")
         ax.set_title("local training time at each site per round", fontsize=10)

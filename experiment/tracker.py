@@ -19,6 +19,7 @@ import queue
 import re
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -369,6 +370,8 @@ class MlflowSink:
     def _connect(self) -> None:
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..."
         logging.getLogger("alembic").setLevel(logging.WARNING)
+        # MLflow 3.17's SQL store on SQLAlchemy 2.1 (flwr's pin) warns about its own mapper options
+        warnings.filterwarnings("ignore", message=r"The ``noload`` loader strategy is deprecated")
         from mlflow import MlflowClient
 
         self.client = MlflowClient(self.uri)

@@ -115,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
             print("\n" + operating_point_line(test))
     print(f"\nResults: {sr.run.path}\n  summary.json, rounds.jsonl, learning_curves.png, roc.png, froc.png, "
           "submission.csv\n  Research results on synthetic or public data; never for diagnosis.")
+    tracked = sr.run.path / "mlflow.json"
+    if cfg.tracking == "mlflow" and tracked.exists():
+        import json
+
+        t = json.loads(tracked.read_text())
+        print(f"  MLflow: run {t['run_id']} in {t['tracking_uri']} (experiment {t['experiment']})")
     return 0
 
 

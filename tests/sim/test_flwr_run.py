@@ -34,7 +34,7 @@ def test_flwr_run_with_a_local_simulation_federation(tmp_path, tiny_root):
            "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()), "LUNAFL_HOME": str(tmp_path / "home")}
     out = tmp_path / "runs"
     overrides = (f'data="{tiny_root}" cache-dir="{tmp_path / "cache"}" out="{out}" run-name="flwr" '
-                 + tiny_run_config())
+                 + tiny_run_config(tracking="mlflow"))
     try:
         proc = subprocess.run([str(Path(bindir) / "flwr"), "run", ".", "local", "--stream", "--run-config",
                                overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
@@ -43,6 +43,14 @@ def test_flwr_run_with_a_local_simulation_federation(tmp_path, tiny_root):
         assert summary["mode"] == "federated" and set(summary["sites"]) == {"site-0", "site-1"}
         rounds = [json.loads(x) for x in (out / "flwr" / "rounds.jsonl").read_text().splitlines()]
         assert [r["round"] for r in rounds] == [0, 1] and rounds[1]["sites_trained"] == 2
+        # tracking from the Flower app's run config: the same MLflow run as sim/run.py would write
+        import mlflow
+
+        tracked = json.loads((out / "flwr" / "mlflow.json").read_text())
+        client = mlflow.MlflowClient(tracked["tracking_uri"])
+        auc = sorted((m.step, m.value) for m in client.get_metric_history(tracked["run_id"], "test_roc_auc"))
+        assert auc == [(r["round"], r["test_roc_auc"]) for r in rounds]
+        assert client.get_run(tracked["run_id"]).info.status == "FINISHED"
     finally:
         for p in psutil.process_iter(["cmdline"]):
             if str(home) in " ".join(p.info["cmdline"] or []):
