@@ -13,6 +13,7 @@ import hashlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -166,7 +167,7 @@ def train_site(cfg: RunConfig, data: SiteData, arrays: dict[str, np.ndarray], se
     return out, metrics
 
 
-def stall_past(deadline: float | None):
+def stall_past(deadline: float | None) -> Callable[[], None]:
     """``--inject slow``: a site too slow for any machine. After its first step it waits
     until the round's deadline has surely passed, then takes 2 s a step: the engine stops it
     at its next deadline check, and a site that ran on would take minutes."""
