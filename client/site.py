@@ -24,7 +24,7 @@ from common.atomic import atomic_write
 from common.cache import PatchCache, open_cache
 from common.config import RunConfig
 from common.dataset import epoch_size, eval_loader, train_loader
-from common.engine import evaluate, prepare, proximal_term, train_one_epoch
+from common.engine import bn_statistics, evaluate, prepare, proximal_term, train_one_epoch
 from common.partition import SitePlan
 from common.privacy import LocalDP
 
@@ -282,3 +282,12 @@ def evaluate_site(cfg: RunConfig, data: SiteData, arrays: dict[str, np.ndarray],
         model_lib.set_arrays(model, {k: v.numpy() for k, v in saved["norms"].items()})
     metrics, _, _ = evaluate(model, eval_loader(data.cache, data.val), device, cfg.amp)
     return metrics
+
+
+def site_bn_statistics(cfg: RunConfig, data: SiteData, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """BatchNorm statistics of the global weights ``arrays`` on this site's training patches
+    (``--bn-stats sites``): means and variances only, never a patch, leave the site."""
+    device = model_lib.resolve_device(cfg.device)
+    model = Warm.model(cfg, device)
+    model_lib.set_arrays(model, arrays)
+    return bn_statistics(model, eval_loader(data.cache, data.train), device, cfg.amp)
