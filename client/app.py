@@ -30,7 +30,7 @@ from common.training import model as model_lib  # noqa: E402
 from common.training import wire  # noqa: E402
 from common.training.memory import release_freed_memory  # noqa: E402
 
-from .site import SiteData, SiteError, evaluate_site, simulated_site, train_site  # noqa: E402
+from .site import SiteData, SiteError, evaluate_site, simulated_site, site_bn_statistics, train_site  # noqa: E402
 
 log = logging.getLogger(__name__)
 app = ClientApp()
@@ -147,3 +147,16 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics["unit-weight"] = 1.0
     release_freed_memory()
     return _reply(msg, {"metrics": MetricRecord(metrics), "site": ConfigRecord({"site": data.name})})
+
+
+@app.evaluate("bnstats")
+def bn_stats(msg: Message, context: Context) -> Message:
+    """``--bn-stats sites``: the final global model's BatchNorm statistics on this site's
+    training patches, with the number of patches as their weight."""
+    cfg, rec = _config(msg)
+    data = site_data(cfg, rec, context)
+    stats = site_bn_statistics(cfg, data, _arrays_in(msg, cfg))
+    release_freed_memory()
+    return _reply(msg, {"stats": wire.to_record(stats),
+                        "metrics": MetricRecord({"num-examples": float(len(data.train))}),
+                        "site": ConfigRecord({"site": data.name})})

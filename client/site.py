@@ -30,7 +30,7 @@ from common.data.partition import SitePlan
 from common.evaluation.metrics import threshold_counts
 from common.privacy.dpsgd import LocalDP
 from common.training import model as model_lib
-from common.training.engine import evaluate, prepare, proximal_term, train_one_epoch
+from common.training.engine import bn_statistics, evaluate, prepare, proximal_term, train_one_epoch
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -267,3 +267,12 @@ def evaluate_site(cfg: RunConfig, data: SiteData, arrays: dict[str, np.ndarray],
         model_lib.set_arrays(model, {k: v.numpy() for k, v in saved["norms"].items()})
     metrics, logits, labels = evaluate(model, eval_loader(data.cache, data.val), device, cfg.amp)
     return {**metrics, **threshold_counts(labels, logits)}
+
+
+def site_bn_statistics(cfg: RunConfig, data: SiteData, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """BatchNorm statistics of the global weights ``arrays`` on this site's training patches
+    (``--bn-stats sites``): means and variances only, never a patch, leave the site."""
+    device = model_lib.resolve_device(cfg.device)
+    model = WARM.model(cfg, device)
+    model_lib.set_arrays(model, arrays)
+    return bn_statistics(model, eval_loader(data.cache, data.train), device, cfg.amp)

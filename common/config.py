@@ -84,6 +84,10 @@ class RunConfig:
                              "fresh (zero, as Flower's examples do) or kept from the site's previous round (in "
                              "the site's state folder: site_state/ in simulation, state-path in deployment)",
                              choices=("fresh", "kept"))
+    bn_stats: str = _f("sites", "BatchNorm running statistics of the final global model: sites (each site "
+                       "re-estimates them for the final weights on its training patches and the server averages "
+                       "them by patches: one more message per site at the end) or averaged (as local training left "
+                       "them, averaged with the weights)", choices=("sites", "averaged"))
     fedbn: bool = _f(False, "FedBN: each site keeps its own normalisation layers (weights and running "
                      "statistics) across rounds; the server's model holds their average")
     neg_ratio: float = _f(3.0, "negatives drawn per positive in each training epoch (fresh each epoch)")
@@ -364,7 +368,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "coordinator": ("mode", "federation", "weights", "fraction_fit", "fraction_evaluate", "site_eval",
                     "min_fit_clients", "server_lr", "server_momentum", "trim_beta", "krum_malicious", "round_timeout",
                     "node_timeout", "out", "run_name", "keep_checkpoints", "eval_every", "tracking", "tracking_uri",
-                    "tracking_experiment", "op_rule"),
+                    "tracking_experiment", "op_rule", "bn_stats"),
     "simulation": ("clients", "data", "cache_dir", "synthetic_scans", "synthetic_test_scans", "partition", "alpha",
                    "test_subsets", "cpus_per_client", "gpus_per_client", "max_parallel", "ray_address",
                    "fail_prob", "inject"),

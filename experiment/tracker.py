@@ -159,6 +159,11 @@ class RunTracker:
             parts.append(f"rejected: {', '.join(row['rejected_sites'])}")
         log.info(" | ".join(parts))
 
+    def model_changed(self) -> None:
+        """The model changed after the last round's test (e.g. re-estimated BatchNorm
+        statistics): :meth:`finish` tests it again."""
+        self.last = None
+
     def finish(self, model: torch.nn.Module, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Final evaluation with CIs, summary.json, plots and model_final.pt; returns the summary."""
         self._raise_writer_error(wait=True)

