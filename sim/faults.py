@@ -2,7 +2,7 @@
 
 ``--fail-prob`` and ``--inject SITE:KIND`` make simulated sites fail or misbehave, to
 rehearse what the server does about it. None of this is in a hospital's code path:
-``sim/run.py`` runs this ``app``, which wraps :data:`client.app.app`'s handlers; the
+``sim/run.py`` runs this ``app``, which wraps every handler of :data:`client.app.app`; the
 wrapped handlers see the run configuration with every rehearsal setting cleared, and a
 deployed ClientApp refuses any run that sets one (:func:`client.app.refuse_rehearsal`).
 
@@ -116,3 +116,9 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     _split(msg)
     return hospital.evaluate(msg, context)
+
+
+@app.evaluate("bnstats")
+def bn_stats(msg: Message, context: Context) -> Message:
+    _split(msg)
+    return hospital.bn_stats(msg, context)

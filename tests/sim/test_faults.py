@@ -75,3 +75,14 @@ def test_poisoning_hurts_fedavg_and_the_median_resists(tmp_path, tiny_root):
     assert dist("med") < 0.5 * dist("avg")
     loss = {n: rows(tmp_path / "runs" / n / "rounds.jsonl")[-1]["test_loss"] for n in ("clean", "avg", "med")}
     assert loss["avg"] > loss["med"]
+
+
+def test_the_rehearsal_app_serves_every_message_the_hospitals_app_serves():
+    """sim/run.py runs sim/faults.py's app: a handler missing there would fail in simulation only."""
+    from client.app import app as hospital
+    from sim.faults import app as rehearsal
+
+    def handlers(app):
+        return set(app._registered_funcs)  # Flower 1.41 keeps the handlers by message type
+
+    assert handlers(rehearsal) == handlers(hospital) and "evaluate.bnstats" in handlers(hospital)
