@@ -381,6 +381,15 @@ class MlflowSink:
 
         self.client = MlflowClient(self.uri)
 
+    def _artifact_root(self) -> str | None:
+        """Files beside a local SQLite store (MLflow's own default is ./mlruns in whatever
+        folder the run started from); a server decides for itself."""
+        if self.local:
+            return (self.run.path.parent / "mlartifacts").resolve().as_uri()
+        if self.uri.startswith("sqlite:///"):
+            return (Path(self.uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+        return None
+
     def _open(self, done_round: int) -> None:
         from mlflow.entities import Param
 
@@ -390,8 +399,7 @@ class MlflowSink:
         if exp is not None:
             exp_id = exp.experiment_id
         else:
-            where = (self.run.path.parent / "mlartifacts").resolve().as_uri() if self.local else None
-            exp_id = c.create_experiment(self.cfg.tracking_experiment, artifact_location=where)
+            exp_id = c.create_experiment(self.cfg.tracking_experiment, artifact_location=self._artifact_root())
         saved = _read_json(self.run.path / MLFLOW_FILE)
         existing = None
         if saved and saved.get("tracking_uri") == _redact(self.uri) and saved.get("run_id"):

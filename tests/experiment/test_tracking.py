@@ -110,6 +110,7 @@ def test_tracked_run_equals_its_results_folder_and_resume_continues_the_same_mlf
     assert json.loads((run / "mlflow.json").read_text())["tracking_uri"] == other
     assert list(runs_in(other)) == ["cut"]
     assert_run_equals_folder(mlflow.MlflowClient(other), runs_in(other)["cut"], run)
+    assert list((tmp_path / "mlartifacts").iterdir())  # its files beside that store, not in ./mlruns
 
 
 def test_a_tracking_server_that_does_not_answer_is_a_warning_and_the_run_completes(tmp_path, tiny_root):
