@@ -38,6 +38,17 @@ def tiny_run_config(**changes: Any) -> str:
     return " ".join(f'{k.replace("_", "-")}={json.dumps(v)}' for k, v in values.items())
 
 
+def docker_script(name: str):
+    """``docker/<name>.py`` as a module (the containers' scripts are files, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"luna_docker_{name}", ROOT / "docker" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def rows(path: Path) -> list[dict]:
     """The lines of a JSONL file (``rounds.jsonl``, ``events.jsonl``)."""
     return [json.loads(line) for line in path.read_text().splitlines()]

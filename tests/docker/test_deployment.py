@@ -11,7 +11,6 @@ static tests check that the Dockerfile and the compose file call exactly that sc
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -29,20 +28,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import ROOT, tiny_run_config
+from tests.helpers import ROOT, docker_script, tiny_run_config
 
 DOCKER = ROOT / "docker"
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"luna_docker_{name}", DOCKER / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ep = _load("entrypoint")
-loop = _load("loopback")
+ep = docker_script("entrypoint")
+loop = docker_script("loopback")
 ENTRY, CERTS, BIN = loop.ENTRY, loop.CERTS, loop.BIN
 base_env, free_port, rows, wait_for = loop.base_env, loop.free_port, loop.rows, loop.wait_for
 SITES = ["hospital-a", "hospital-b"]

@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import psutil
 
-from tests.helpers import ROOT, tiny_run_config
+from tests.helpers import ROOT, docker_script, tiny_run_config
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+free_port = docker_script("loopback").free_port
 
 
 def test_flwr_run_with_a_local_simulation_federation(tmp_path, tiny_root):
