@@ -13,8 +13,6 @@ import logging
 import time
 from typing import Any
 
-import torch
-
 from common.config import RunConfig
 from common.data.loaders import epoch_size, eval_loader, train_loader
 from common.data.prepare import Prepared
@@ -31,15 +29,9 @@ log = logging.getLogger("luna_fl")
 def run_centralized(cfg: RunConfig, run: RunDir, prepared: Prepared, checkpoint: dict | None = None,
                     progress: bool = True) -> dict[str, Any]:
     device = model_lib.resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    model = model_lib.build_model(cfg.arch, cfg.norm)
+    model = model_lib.starting_model(cfg, checkpoint)
     optimizer = model_lib.make_optimizer(model, cfg)
-    start = 0
-    if checkpoint:
-        model.load_state_dict(checkpoint["model"])
-        start = int(checkpoint["round"])
-    elif cfg.weights:
-        model_lib.load_weights(model, cfg.weights)
+    start = int(checkpoint["round"]) if checkpoint else 0
     model = prepare(model, device, cfg.amp)
     if checkpoint and "optimizer" in checkpoint:
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -63,13 +55,6 @@ def run_centralized(cfg: RunConfig, run: RunDir, prepared: Prepared, checkpoint:
         return {"op_threshold": op["threshold"], "op_rule": cfg.op_rule, "op_model_round": rnd,
                 **{f"op_{k}": v for k, v in op.items() if k not in ("threshold", "rule")}}
 
-    def snapshot():
-        """Copy model and optimizer state now; the returned writer may run later."""
-        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        opt_state = copy.deepcopy(optimizer.state_dict())
-        return lambda rnd, row: run.save_checkpoint(rnd, state, cfg, cfg.keep_checkpoints, optimizer=opt_state,
-                                                    row=row)
-
     def train() -> dict[str, Any]:
         if start == 0:
             tracker.end_round(0, model, operating_point(0))
@@ -88,7 +73,8 @@ def run_centralized(cfg: RunConfig, run: RunDir, prepared: Prepared, checkpoint:
             row = {"wall_seconds": time.time() - t0, "train_loss": sum(s["loss"] * s["examples"] for s in stats) / seen,
                    "train_seconds": secs, "images_per_s": seen / secs, "train_examples": seen,
                    **operating_point(rnd)}
-            tracker.end_round(rnd, model, row, snapshot())
+            save = run.snapshot(cfg, model, optimizer=copy.deepcopy(optimizer.state_dict()))
+            tracker.end_round(rnd, model, row, save)
         return tracker.finish(model, {"mode": "centralized", "pooled_scans": len(pooled)})
 
     try:

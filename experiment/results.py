@@ -19,6 +19,7 @@ import logging
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +199,12 @@ class RunDir:
             atomic_write_text(path, "".join(json.dumps(r, sort_keys=True, default=json_default) + "\n" for r in rows))
 
     # ---- checkpoints ----
+    def snapshot(self, cfg: RunConfig, model: torch.nn.Module, **state: Any) -> Callable[[int, dict], Path]:
+        """Copy the model's weights now (and take ``state``, e.g. the strategy's or optimizer's);
+        the returned writer saves them as round ``rnd``'s checkpoint later (in the background)."""
+        weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        return lambda rnd, row: self.save_checkpoint(rnd, weights, cfg, cfg.keep_checkpoints, row=row, **state)
+
     def save_checkpoint(self, rnd: int, model_state: dict[str, torch.Tensor], cfg: RunConfig,
                         keep: int, **extra: Any) -> Path:
         path = self.checkpoint_dir / f"round-{rnd:04d}.pt"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -177,13 +176,7 @@ def federate(grid: Grid, sr: ServerRun) -> dict[str, Any]:
     """Run the remaining rounds; returns the run's summary."""
     cfg, run = sr.cfg, sr.run
     device = model_lib.resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    model = model_lib.build_model(cfg.arch, cfg.norm)
-    if sr.checkpoint:
-        model.load_state_dict(sr.checkpoint["model"])
-    elif cfg.weights:
-        model_lib.load_weights(model, cfg.weights)
-    model = model.to(device)
+    model = model_lib.starting_model(cfg, sr.checkpoint).to(device)
     reference = model_lib.get_arrays(model)
     node_sites, info, excluded = handshake(grid, sr, model_lib.signature(reference))
     run.write_json("handshake.json", {**info, **({"excluded_nodes": excluded} if excluded else {})})
@@ -197,12 +190,6 @@ def federate(grid: Grid, sr: ServerRun) -> dict[str, Any]:
                   on_event=tracker.event, excluded=set(excluded))
     slots = sr.slots or len(node_sites)
 
-    def snapshot() -> Callable[[int, dict], object]:
-        """Copy the model and strategy state now; the returned writer may run later."""
-        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        strat = export_state(strategy)
-        return lambda rnd, row: run.save_checkpoint(rnd, state, cfg, cfg.keep_checkpoints, strategy=strat, row=row)
-
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         rnd = server_round + sr.start_round
         if server_round == 0 and sr.start_round > 0:
@@ -212,7 +199,7 @@ def federate(grid: Grid, sr: ServerRun) -> dict[str, Any]:
         spent = getattr(strategy, "privacy_spent", lambda: None)()
         if spent is not None and rnd > 0:
             row["dp_central_epsilon"], row["dp_central_delta"] = spent.epsilon, spent.delta
-        save = snapshot() if rnd > 0 else None
+        save = run.snapshot(cfg, model, strategy=export_state(strategy)) if rnd > 0 else None
         test = tracker.end_round(rnd, model, row, save, finalize=lambda: round_times(guard, rnd, slots))
         release_freed_memory()  # the round's replies are gone; keep the server's footprint flat
         return MetricRecord({k: float(v) for k, v in test.items() if np.isfinite(v)})
