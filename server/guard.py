@@ -107,15 +107,22 @@ class Guard(Strategy):
     def _log(self, rnd: int) -> RoundLog:
         return self.rounds.setdefault(rnd, RoundLog())
 
-    def _ordered_grid(self, grid: Grid, rnd: int) -> Grid:
+    def _ordered_grid(self, grid: Grid, rnd: int, phase: str) -> Grid:
         # Give every site up to --node-timeout to be connected (a restarted hospital rejoins
         # here), then go on with whoever is there, down to the quorum.
-        expected = len(set(self.node_sites) - self.excluded) or self.inner_min_available()
-        wait_for_nodes(grid, expected, self.cfg.node_timeout, at_least=self.inner_min_available(),
-                       excluded=self.excluded)
-        random.seed(f"{self.cfg.seed}:{rnd}")  # Flower samples with the global `random`
+        at_least = quorum(self.cfg, len(self.node_sites))
+        expected = len(set(self.node_sites) - self.excluded) or at_least
+        wait_for_nodes(grid, expected, self.cfg.node_timeout, at_least=at_least, excluded=self.excluded)
+        view = _SiteOrderedGrid(grid, self.site_of, self.excluded)
+        # The guard samples (the inner strategy takes every node it is shown), with a generator
+        # of its own: the same sites for the same seed and round, whatever else uses `random`.
+        nodes = view.get_node_ids()
+        fraction = self.cfg.fraction_fit if phase == "train" else self.cfg.fraction_evaluate
+        k = max(int(len(nodes) * fraction), 1)
+        if k < len(nodes):
+            view.only = set(random.Random(f"{self.cfg.seed}:{rnd}").sample(nodes, k))
         # a duck-typed view (__getattr__ forwards the rest of the Grid), not a Grid subclass
-        return cast(Grid, _SiteOrderedGrid(grid, self.site_of, self.excluded))
+        return cast(Grid, view)
 
     @property
     def fused_eval(self) -> bool:
@@ -132,12 +139,6 @@ class Guard(Strategy):
         if len(counts) == len(COUNT_KEYS):
             lg.val_counts[site] = {k: (list(v) if isinstance(v, list) else int(v)) for k, v in counts.items()}
         self.on_event("evaluate", rnd, site, metrics)
-
-    def inner_min_available(self) -> int:
-        s = self.inner
-        while not hasattr(s, "min_available_nodes") and hasattr(s, "strategy"):
-            s = s.strategy  # type: ignore[attr-defined]
-        return int(getattr(s, "min_available_nodes", 1))
 
     def _encode_into(self, msgs: list[Message], arrays: ArrayRecord) -> int:
         """Put the wire encoding of ``arrays`` into the messages (the inner strategy kept
@@ -156,12 +157,13 @@ class Guard(Strategy):
         rnd = self._round(server_round)
         lg = self._log(rnd)
         lg.started = time.time()
-        grid = self._ordered_grid(grid, rnd)  # may wait up to --node-timeout for a restarting site
+        grid = self._ordered_grid(grid, rnd, "train")  # may wait up to --node-timeout for a restarting site
         # The sites' deadline starts when the round's messages go out, as Flower's own reply
         # timeout does: the wait for sites above must not eat into their training time.
         config["deadline"] = time.time() + self.cfg.round_timeout
         config["evaluate-first"] = int(self.fused_eval and rnd >= 2)  # round rnd-1's model, at each site
-        msgs = list(self.inner.configure_train(rnd, arrays, config, grid))
+        msgs = sorted(self.inner.configure_train(rnd, arrays, config, grid),
+                      key=lambda m: (self.site_of(m.metadata.dst_node_id), m.metadata.dst_node_id))
         nbytes = self._encode_into(msgs, arrays)
         self._sent[(rnd, "train")] = msgs
         lg.sampled = [self.site_of(m.metadata.dst_node_id) for m in msgs]
@@ -263,7 +265,8 @@ class Guard(Strategy):
         rnd = self._round(server_round)
         if self.fused_eval and rnd < self.cfg.rounds:
             return []  # round rnd+1's training messages carry this model to the sites' evaluation
-        msgs = list(self.inner.configure_evaluate(rnd, arrays, config, self._ordered_grid(grid, rnd)))
+        msgs = sorted(self.inner.configure_evaluate(rnd, arrays, config, self._ordered_grid(grid, rnd, "evaluate")),
+                      key=lambda m: (self.site_of(m.metadata.dst_node_id), m.metadata.dst_node_id))
         nbytes = self._encode_into(msgs, arrays)
         self._sent[(rnd, "evaluate")] = msgs
         self._log(rnd).bytes_down += nbytes * len(msgs)
@@ -304,9 +307,11 @@ class _SiteOrderedGrid:
         self._grid = grid
         self._site_of = site_of
         self._excluded = excluded or set()
+        self.only: set[int] | None = None  # the guard's sample, when it took one
 
     def get_node_ids(self) -> list[int]:
-        nodes = [n for n in self._grid.get_node_ids() if n not in self._excluded]
+        nodes = [n for n in self._grid.get_node_ids() if n not in self._excluded
+                 and (self.only is None or n in self.only)]
         return sorted(nodes, key=lambda n: (self._site_of(n), n))
 
     def __getattr__(self, name: str):

@@ -35,7 +35,6 @@ from flwr.serverapp.strategy import (
 
 from common.config import RunConfig
 from common.training import wire
-from server.guard import quorum
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +160,10 @@ def make_strategy(cfg: RunConfig, n_sites: int) -> Strategy:
     # Rounds go ahead with whoever is connected, down to the quorum; the handshake has
     # already waited for every site once, and the Guard names the ones that drop out.
     common: dict[str, Any]  # keyword arguments of differing types, for every strategy
-    common = dict(fraction_train=cfg.fraction_fit, fraction_evaluate=cfg.fraction_evaluate,
-                  min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=quorum(cfg, n_sites),
+    # The Guard waits for the sites (down to the quorum) and samples them (--fraction-fit,
+    # --fraction-evaluate) with its own generator; the strategy takes every node it is shown.
+    common = dict(fraction_train=1.0, fraction_evaluate=1.0,
+                  min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1,
                   train_metrics_aggr_fn=nan_weighted_mean, evaluate_metrics_aggr_fn=nan_weighted_mean,
                   # client-level DP bounds each site's influence only with equal weights
                   weighted_by_key="unit-weight" if cfg.dp == "central" else "num-examples")

@@ -290,3 +290,21 @@ def test_one_registry_of_strategies_and_their_own_settings():
         assert name.replace("fedtrimmedavg", "fedtrimmed").lower() in type(s).__name__.lower().lstrip("_")
     with pytest.raises(ValueError, match="choose --strategy fedavg or fedprox, not fedadam"):
         RunConfig(strategy="fedadam", dp="central", norm="group")
+
+
+def test_the_guard_samples_sites_with_its_own_generator():
+    """--fraction-fit: the same sites for the same seed and round, whatever state the global
+    `random` is in (the guard no longer seeds the global generator for Flower's sampling)."""
+    import random
+
+    def sampled(rnd: int, global_seed: int, seed: int = 0) -> list[str]:
+        g = guard(fraction_fit=0.5, seed=seed, rounds=3)
+        random.seed(global_seed)
+        grid = type("G", (), {"get_node_ids": lambda self: [1, 2, 3, 4, 5]})()
+        msgs = g.configure_train(rnd, ArrayRecord({k: Array(v) for k, v in GLOBAL.items()}), ConfigRecord({}), grid)
+        return [g.site_of(m.metadata.dst_node_id) for m in msgs]
+
+    a = sampled(1, global_seed=1)
+    assert len(a) == 2 and a == sorted(a)  # int(5 x 0.5) sites, sent in site order
+    assert sampled(1, global_seed=2) == a
+    assert {tuple(sampled(r, 1, seed=s)) for r in (1, 2, 3) for s in (0, 1)} != {tuple(a)}  # it does vary
