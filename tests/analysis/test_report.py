@@ -23,7 +23,7 @@ def finished_runs(tiny_root, tmp_path_factory):
               *tiny_args("clients", "local_epochs", *TINY_MODEL, rounds=2)]
     for name, extra in (("central", ["--mode", "centralized"]), ("fed", [])):
         p = subprocess.run([sys.executable, "sim/run.py", *common, *extra, "--run-name", name], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=400)
+                           capture_output=True, text=True, timeout=1500)  # generous: a shared CPU
         assert p.returncode == 0, p.stderr[-3000:]
     return tmp / "runs"
 
@@ -258,7 +258,8 @@ def test_report_explanation_and_operating_point_are_computed_from_the_runs(finis
     curve = [(r["data_passes"], r["test_roc_auc"]) for r in _rows(finished_runs / "fed" / "rounds.jsonl")
              if "test_roc_auc" in r]
     needed = next((p for p, a in curve if a >= target), None)
-    row = next(line for line in md if line.startswith("| fed | ") and line.count("|") == 7)
+    head = next(i for i, line in enumerate(md) if "passes the federated run needed" in line)
+    row = next(line for line in md[head:] if line.startswith("| fed | "))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert float(cells[1]) == round(target, 3)
     fed_summary = json.loads((finished_runs / "fed" / "summary.json").read_text())
