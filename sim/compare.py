@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             path = run_one(f"fold-{k}", ["--mode", "centralized", "--test-subsets", str(k)], common, runs_dir)
             folds.append(Run.load(f"fold {k}", path))
     md, page = build_report(runs, Path(args.out), folds or None)
-    from experiment.tracker import log_report_to_runs
+    from experiment.mlflow_sink import log_report_to_runs
 
     # the report also goes to each compared run's MLflow run (those tracked: mlflow.json)
     log_report_to_runs([r.path for r in runs + folds], [md, page])

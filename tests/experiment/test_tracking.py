@@ -148,7 +148,7 @@ def test_site_names_become_metric_names_mlflow_accepts_and_a_uri_without_trackin
     from mlflow.utils.validation import _validate_metric_name
 
     from common.config import RunConfig
-    from experiment.tracker import site_metrics
+    from experiment.mlflow_sink import site_metrics
 
     for site in ("site-3", "Hospital A", "uk/leeds:ct", "../x", "ä"):
         named = site_metrics("train", site, {"train-loss": 0.5, "dp-epsilon": 2.0, "started-at": 1.0})
