@@ -20,7 +20,7 @@ from common.evaluation.metrics import choose_threshold, threshold_counts
 from common.evaluation.test_split import TestSplit
 from common.training import model as model_lib
 from common.training.engine import evaluate, prepare, train_one_epoch
-from experiment.results import RunDir
+from experiment.results import RunDir, starting_model
 from experiment.tracker import RunTracker
 
 log = logging.getLogger("luna_fl")
@@ -29,7 +29,7 @@ log = logging.getLogger("luna_fl")
 def run_centralized(cfg: RunConfig, run: RunDir, prepared: Prepared, checkpoint: dict | None = None,
                     progress: bool = True) -> dict[str, Any]:
     device = model_lib.resolve_device(cfg.device)
-    model = model_lib.starting_model(cfg, checkpoint)
+    model = starting_model(cfg, checkpoint)
     optimizer = model_lib.make_optimizer(model, cfg)
     start = int(checkpoint["round"]) if checkpoint else 0
     model = prepare(model, device, cfg.amp)

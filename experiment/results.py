@@ -242,3 +242,19 @@ class RunDir:
         obj = {"model": model_state, "config": cfg.to_dict(), **extra}
         atomic_write(path, lambda fh: torch.save(obj, fh), binary=True)
         return path
+
+
+def starting_model(cfg: RunConfig, checkpoint: dict | None = None) -> torch.nn.Module:
+    """A run's model before its first (or, resumed, its next) round, the same for the server and
+    the centralized baseline: built from the seed, then the checkpoint's weights when resuming,
+    else ``--weights`` when given."""
+    from common.training import model as model_lib
+
+    torch.manual_seed(cfg.seed)
+    model = model_lib.build_model(cfg.arch, cfg.norm)
+    if checkpoint:
+        model.load_state_dict(checkpoint["model"])
+    elif cfg.weights:
+        model_lib.load_weights(model, cfg.weights)
+    return model
+

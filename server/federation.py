@@ -29,7 +29,7 @@ from common.evaluation.test_split import TestSplit
 from common.training import model as model_lib
 from common.training import wire
 from common.training.memory import release_freed_memory
-from experiment.results import RunDir
+from experiment.results import RunDir, starting_model
 from experiment.tracker import RunTracker
 
 from .guard import Guard, quorum, short_reason, wait_for_nodes
@@ -176,7 +176,7 @@ def federate(grid: Grid, sr: ServerRun) -> dict[str, Any]:
     """Run the remaining rounds; returns the run's summary."""
     cfg, run = sr.cfg, sr.run
     device = model_lib.resolve_device(cfg.device)
-    model = model_lib.starting_model(cfg, sr.checkpoint).to(device)
+    model = starting_model(cfg, sr.checkpoint).to(device)
     reference = model_lib.get_arrays(model)
     node_sites, info, excluded = handshake(grid, sr, model_lib.signature(reference))
     run.write_json("handshake.json", {**info, **({"excluded_nodes": excluded} if excluded else {})})

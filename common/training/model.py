@@ -74,18 +74,6 @@ def build_model(arch: str = "resnet50", norm: str = "batch") -> nn.Module:
 
 
 
-def starting_model(cfg, checkpoint: dict | None = None) -> nn.Module:
-    """A run's model before its first (or, resumed, its next) round, the same for the server and
-    the centralized baseline: built from the seed, then the checkpoint's weights when resuming,
-    else ``--weights`` when given."""
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.arch, cfg.norm)
-    if checkpoint:
-        model.load_state_dict(checkpoint["model"])
-    elif cfg.weights:
-        load_weights(model, cfg.weights)
-    return model
-
 def set_trainable(model: nn.Module, which: str) -> list[nn.Parameter]:
     """Choose which weights training updates; returns them (for the optimizer).
 
