@@ -39,14 +39,14 @@ def test_bad_updates_are_rejected_and_the_global_model_is_the_honest_aggregate(t
 
 def test_a_slow_site_is_left_out_of_the_round_and_stops_at_the_deadline(tmp_path, tiny_root):
     proc = sim(tmp_path, tiny_root, "--clients", "3", "--rounds", "2", "--local-epochs", "1",
-               "--inject", "site-1:slow", "--round-timeout", "20", "--run-name", "slow")
+               "--inject", "site-1:slow", "--round-timeout", "45", "--run-name", "slow")
     rs = rows(tmp_path / "runs" / "slow" / "rounds.jsonl")
     assert [r["round"] for r in rs] == [0, 1, 2]
     for r in rs[1:]:
         assert r["failed_sites"] == ["site-1"] and r["sites_trained"] == 2
         # the round closed at its timeout: site-1 cannot finish before it (it stalls until the
         # deadline has passed), and had it run on it would still be training
-        assert r["train_phase_seconds"] < 30
+        assert r["train_phase_seconds"] < 45 + 18
     assert "[site site-1] did not reply in time" in proc.stderr or "passed the round deadline" in proc.stderr
 
 
