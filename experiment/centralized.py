@@ -16,8 +16,8 @@ from typing import Any
 from common.config import RunConfig
 from common.data.loaders import epoch_size, eval_loader, train_loader
 from common.data.prepare import Prepared
+from common.evaluation.holdout import TestSplit
 from common.evaluation.metrics import choose_threshold, threshold_counts
-from common.evaluation.test_split import TestSplit
 from common.training import model as model_lib
 from common.training.engine import evaluate, prepare, train_one_epoch
 from experiment.results import RunDir, starting_model

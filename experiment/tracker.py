@@ -26,8 +26,8 @@ import torch
 from analysis.plots import learning_curves, roc_curves, site_curves
 from common.config import RunConfig
 from common.evaluation import froc
+from common.evaluation.holdout import TestSplit
 from common.evaluation.metrics import OP_METRICS, binary_metrics
-from common.evaluation.test_split import TestSplit
 from experiment.mlflow_sink import MlflowSink
 from experiment.results import NOTICE, RunDir
 

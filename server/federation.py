@@ -24,8 +24,8 @@ from common.config import RunConfig
 from common.data.loaders import epoch_size
 from common.data.partition import format_summary, save_summary, summary_rows
 from common.data.prepare import Prepared, prepare
+from common.evaluation.holdout import TestSplit
 from common.evaluation.metrics import choose_threshold, sum_counts
-from common.evaluation.test_split import TestSplit
 from common.training import model as model_lib
 from common.training import wire
 from common.training.memory import release_freed_memory

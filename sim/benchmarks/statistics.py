@@ -20,7 +20,7 @@ def bench_bn_statistics(run_dir: Path) -> dict:
 
     from common.data.loaders import eval_loader
     from common.data.prepare import prepare
-    from common.evaluation.test_split import TestSplit
+    from common.evaluation.holdout import TestSplit
     from common.training import model as model_lib
     from common.training.engine import bn_statistics
     from experiment.results import RunDir
