@@ -77,7 +77,7 @@ class RunDir:
         run = cls(path)
         if not run.path.is_dir():
             raise ValueError(f"{what} {run.path}: no such folder")
-        for name in (*needs, "config.json"):  # what the reader needs first: "not finished" before "not a folder of ours"
+        for name in (*needs, "config.json"):  # "not finished" before "not a results folder"
             if not (run.path / name).is_file():
                 hint = {"config.json": "; is it a results folder?",
                         "model_final.pt": " (the run has not finished)",
