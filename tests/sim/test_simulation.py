@@ -95,7 +95,7 @@ def test_fedyogi_runs_end_to_end(tmp_path, tiny_root):
 
 
 def test_final_batchnorm_statistics_are_the_sites_re_estimates(tmp_path, tiny_root):
-    """--bn-stats sites (the default): the final model's running statistics are the
+    """--bn-stats sites: the final model's running statistics are the
     patch-weighted mean of what each site computes for the final weights on its own
     training patches, recomputed here independently from the run's plan and cache."""
     from common.data.cache import open_cache
@@ -104,8 +104,8 @@ def test_final_batchnorm_statistics_are_the_sites_re_estimates(tmp_path, tiny_ro
     from common.training import model as model_lib
     from common.training.engine import bn_statistics
 
-    sim(tmp_path, tiny_root, "--clients", "2", "--rounds", "1", "--local-epochs", "1", "--no-amp", "--run-name", "bn",
-        timeout=900)
+    sim(tmp_path, tiny_root, "--clients", "2", "--rounds", "1", "--local-epochs", "1", "--no-amp",
+        "--bn-stats", "sites", "--run-name", "bn", timeout=900)
     run = tmp_path / "runs" / "bn"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["bn_statistics"] == "re-estimated at the sites" and summary["bn_statistics_sites"] == [
