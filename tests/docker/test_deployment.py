@@ -118,7 +118,7 @@ def run(federation):
     (held there: round 1 is saved, round 2 cannot be), restarts on the same database, and
     ``run`` again finishes the run from its checkpoint."""
     before = {site: snapshot(federation.data[site]) for site in SITES}
-    held = f"federation.{SITES[0]}.train.2"  # LUNAFL_RUN_NAME's default, the results folder's name
+    held = f"{SITES[0]}.train.2"
     federation.holds.arm(held)
     first = federation.procs.start("run-1", [sys.executable, str(ENTRY), "run"],
                                    federation.server_env(LUNAFL_RUN_CONFIG=TINY))
@@ -528,7 +528,7 @@ def test_a_hospital_killed_while_training_or_after_sending_is_handled_in_that_ph
     # round-timeout far above Flower's heartbeat patience (2 x 30 s): the lost node is
     # detected by its missing heartbeat, never by the round's clock
     cfg = TINY.replace("rounds=2", "rounds=2 round-timeout=300 node-timeout=120 min-fit-clients=1")
-    training, replied = f"{run_name}.{victim}.train.1", f"{run_name}.server.aggregate.2"
+    training, replied = f"{victim}.train.1", f"{run_name}.server.aggregate.2"
     federation.holds.arm(training)
     federation.holds.arm(replied)
     proc = federation.procs.start("run-crash", [sys.executable, str(ENTRY), "run"],

@@ -13,7 +13,7 @@ reach an armed point takes the file (a rename, so exactly one holds), writes
 ``DIR/<point>.reached`` with its pid, and blocks until ``DIR/<point>.release`` exists or
 the process is killed. Unarmed points cost one failed rename. The points:
 
-``<run-name>.<site>.train.<round>``   client.site.train_site, before the site trains
+``<site>.train.<round>``   client.site.train_site, before the site trains
 ``<run-name>.server.aggregate.<round>``   server.guard.Guard.aggregate_train, once
                                       every reply of the round is in, before aggregating
 """
@@ -53,7 +53,7 @@ def _patch_site(module) -> None:
     original = module.train_site
 
     def train_site(cfg, data, arrays, server_round, **kwargs):
-        hold(f"{cfg.run_name}.{data.name}.train.{server_round}")
+        hold(f"{data.name}.train.{server_round}")  # a site does not receive the run's name
         return original(cfg, data, arrays, server_round, **kwargs)
 
     module.train_site = train_site  # client.app imports the name after this module ran
