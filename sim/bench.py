@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="sim/bench.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes (ResNet-10, 32 px, small data): a smoke run")
-    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)}")
+    p.add_argument("--sections", default="", help=f"comma list of {', '.join(SECTIONS)} (default: all; bnstats only "
+                   "with --run)")
     p.add_argument("--scales", default="8,32,100", help="simulated sites for the overhead section")
     p.add_argument("--out", default="bench.json", help="JSON file to write (default bench.json)")
     p.add_argument("--workdir", default="", help="scratch folder (default: a temporary one)")
@@ -68,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", default="", help="model file the dpsignal section starts from (default: random)")
     p.add_argument("--run", default="", help="finished federated run the bnstats section reads")
     args = p.parse_args(argv)
-    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()] or \
+        [s for s in SECTIONS if s != "bnstats" or args.run]  # bnstats reads a finished run: only when named
     bad = [s for s in sections if s not in SECTIONS]
     if bad:
         p.error(f"--sections: unknown {', '.join(bad)}; choose from {', '.join(SECTIONS)}")
