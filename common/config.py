@@ -84,11 +84,11 @@ class RunConfig:
                              "fresh (zero, as Flower's examples do) or kept from the site's previous round (in "
                              "the site's state folder: site_state/ in simulation, state-path in deployment)",
                              choices=("fresh", "kept"))
-    bn_stats: str = _f("averaged", "BatchNorm running statistics of the final global model: sites (each site "
-                       "re-estimates them for the final weights on its training patches and the server averages "
-                       "them by patches: one more message per site at the end) or averaged (as local training left "
-                       "them, averaged with the weights; the default while the federation's operating point is "
-                       "still chosen for the model before re-estimation)", choices=("sites", "averaged"))
+    bn_stats: str = _f("sites", "BatchNorm running statistics of the final global model: sites (each site "
+                       "re-estimates them for the final weights on its training patches, the server averages them "
+                       "by patches, and the sites' validation counts for that model give its operating point: two "
+                       "more messages per site at the end) or averaged (as local training left them, averaged "
+                       "with the weights)", choices=("sites", "averaged"))
     fedbn: bool = _f(False, "FedBN: each site keeps its own normalisation layers (weights and running "
                      "statistics) across rounds; the server's model holds their average")
     neg_ratio: float = _f(3.0, "negatives drawn per positive in each training epoch (fresh each epoch)")

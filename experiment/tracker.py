@@ -158,8 +158,12 @@ class RunTracker:
         statistics): :meth:`finish` tests it again."""
         self.last = None
 
-    def finish(self, model: torch.nn.Module, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Final evaluation with CIs, summary.json, plots and model_final.pt; returns the summary."""
+    def finish(self, model: torch.nn.Module, extra: dict[str, Any] | None = None,
+               operating_point: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Final evaluation with CIs, summary.json, plots and model_final.pt; returns the summary.
+
+        ``operating_point``: the threshold row chosen for the final model when it differs
+        from the last round's (re-estimated BatchNorm statistics); else the newest round's."""
         self._raise_writer_error(wait=True)
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         self.run.save_model("model_final.pt", state, self.cfg, round=self.cfg.rounds)
@@ -171,7 +175,7 @@ class RunTracker:
                 _, logits, labels = self.tester.run(model, self.device, self.cfg.amp)
                 self.last = (logits, labels)
             logits, labels = self.last
-            op = next((r for r in reversed(self.run.rounds()) if "op_threshold" in r), None)
+            op = operating_point or next((r for r in reversed(self.run.rounds()) if "op_threshold" in r), None)
             summary["test"] = self.tester.final(logits, labels, self.run.path, seed=self.cfg.seed, operating_point=op)
             if summary["test"].get("operating_point"):
                 log.info(operating_point_line(summary["test"]))

@@ -25,7 +25,7 @@ from common.data.loaders import epoch_size
 from common.data.partition import format_summary, save_summary, summary_rows
 from common.data.prepare import Prepared, prepare
 from common.evaluation.holdout import TestSplit
-from common.evaluation.metrics import choose_threshold, sum_counts
+from common.evaluation.metrics import COUNT_KEYS, choose_threshold, sum_counts
 from common.training import model as model_lib
 from common.training import wire
 from common.training.memory import release_freed_memory
@@ -212,12 +212,13 @@ def federate(grid: Grid, sr: ServerRun) -> dict[str, Any]:
                         train_config=train_cfg, evaluate_config=eval_cfg, evaluate_fn=evaluate_fn)
         else:
             log.info("all %d rounds are already done", cfg.rounds)
-        bn = {"bn_statistics": "averaged"}
+        bn: dict[str, Any] = {"bn_statistics": "averaged"}
         if cfg.bn_stats == "sites" and any(k.endswith("running_var") for k in reference):
             bn = site_bn_statistics(grid, sr, node_sites, excluded, model)
             tracker.model_changed()  # the final test sees the re-estimated statistics
+        final_op = bn.pop("final_operating_point", None)
         summary = tracker.finish(model, {"sites": info, "slots": slots, "mode": "federated",
-                                         "privacy": privacy_summary(sr, strategy), **bn})
+                                         "privacy": privacy_summary(sr, strategy), **bn}, operating_point=final_op)
     except BaseException:
         tracker.abandon()
         raise
@@ -253,8 +254,45 @@ def site_bn_statistics(grid: Grid, sr: ServerRun, node_sites: dict[int, str], ex
     model_lib.set_arrays(model, wire.views(mean))
     seconds = time.time() - t0
     log.info("BatchNorm statistics of the final model re-estimated at %d sites (%.1fs)", len(ok), seconds)
-    return {"bn_statistics": "re-estimated at the sites", "bn_statistics_sites": [s for s, _ in ok],
-            "bn_statistics_seconds": seconds}
+    out: dict[str, Any] = {"bn_statistics": "re-estimated at the sites", "bn_statistics_sites": [s for s, _ in ok],
+                           "bn_statistics_seconds": seconds}
+    out.update(final_operating_point(grid, sr, node_sites, nodes, model))
+    return out
+
+
+def final_operating_point(grid: Grid, sr: ServerRun, node_sites: dict[int, str], nodes: list[int],
+                          model: torch.nn.Module) -> dict[str, Any]:
+    """The operating point for the model as it leaves the federation (after
+    :func:`site_bn_statistics` changed it): the sites evaluate it on their validation
+    patches and send per-threshold counts, as in every round, and the server sums them.
+    Without this the threshold would belong to the model before re-estimation."""
+    cfg = sr.cfg
+    record = wire.to_record(wire.encode(model_lib.get_arrays(model), cfg.update_dtype))
+    config = base_config(sr)
+    config["server-round"] = cfg.rounds
+    msgs = [Message(RecordDict({"arrays": record, "config": config}), dst_node_id=n,
+                    message_type=MessageType.EVALUATE) for n in nodes]
+    counts: dict[str, dict] = {}
+    aucs: list[tuple[float, float]] = []
+    for r in grid.send_and_receive(msgs, timeout=cfg.round_timeout):
+        site = node_sites.get(r.metadata.src_node_id, f"node-{r.metadata.src_node_id}")
+        if r.has_error():
+            log.warning("[site %s] could not evaluate the final model: %s", site, short_reason(r.error.reason))
+            continue
+        m = r.content["metrics"]
+        if all(k in m for k in COUNT_KEYS):
+            counts[site] = {k: (list(m[k]) if isinstance(m[k], list) else int(m[k])) for k in COUNT_KEYS}
+        auc = float(m.get("roc_auc", float("nan")))
+        if np.isfinite(auc):
+            aucs.append((auc, float(m.get("num-examples", 1.0))))
+    op = operating_point(counts, cfg.op_rule, cfg.rounds)
+    if not op:
+        log.warning("no site sent validation counts for the final model: no operating point for it")
+        return {}
+    op["op_model"] = "final (BatchNorm statistics re-estimated at the sites)"
+    if aucs:
+        op["val_roc_auc"] = float(np.average([a for a, _ in aucs], weights=[w for _, w in aucs]))
+    return {"final_operating_point": op}
 
 
 def privacy_summary(sr: ServerRun, strategy) -> dict[str, Any]:

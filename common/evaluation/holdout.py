@@ -107,6 +107,7 @@ class TestSplit:
                 "threshold": t, "rule": operating_point.get("op_rule"),
                 "chosen_from": f"{where} ({n_pos} positives, {n_neg} negatives)",
                 "model_round": operating_point.get("op_model_round"),
+                "model": operating_point.get("op_model", "the model of that round"),
                 "sites": sites,
                 "validation": {k[len("op_val_"):]: v for k, v in operating_point.items() if k.startswith("op_val_")},
                 "metrics": {k: at[k] for k in OP_METRICS},
