@@ -140,6 +140,11 @@ class Guard(Strategy):
             lg.val_counts[site] = {k: (list(v) if isinstance(v, list) else int(v)) for k, v in counts.items()}
         self.on_event("evaluate", rnd, site, metrics)
 
+    def _by_site(self, msgs: Iterable[Message]) -> list[Message]:
+        """Messages in site-name order (then node id): the same order whatever order Flower
+        lists nodes in, so sums over sites and logs are reproducible."""
+        return sorted(msgs, key=lambda m: (self.site_of(m.metadata.dst_node_id), m.metadata.dst_node_id))
+
     def _encode_into(self, msgs: list[Message], arrays: ArrayRecord) -> int:
         """Put the wire encoding of ``arrays`` into the messages (the inner strategy kept
         the float32 original, e.g. FedAdam for its pseudo-gradient); return its bytes."""
@@ -162,8 +167,7 @@ class Guard(Strategy):
         # timeout does: the wait for sites above must not eat into their training time.
         config["deadline"] = time.time() + self.cfg.round_timeout
         config["evaluate-first"] = int(self.fused_eval and rnd >= 2)  # round rnd-1's model, at each site
-        msgs = sorted(self.inner.configure_train(rnd, arrays, config, grid),
-                      key=lambda m: (self.site_of(m.metadata.dst_node_id), m.metadata.dst_node_id))
+        msgs = self._by_site(self.inner.configure_train(rnd, arrays, config, grid))
         nbytes = self._encode_into(msgs, arrays)
         self._sent[(rnd, "train")] = msgs
         lg.sampled = [self.site_of(m.metadata.dst_node_id) for m in msgs]
@@ -265,8 +269,8 @@ class Guard(Strategy):
         rnd = self._round(server_round)
         if self.fused_eval and rnd < self.cfg.rounds:
             return []  # round rnd+1's training messages carry this model to the sites' evaluation
-        msgs = sorted(self.inner.configure_evaluate(rnd, arrays, config, self._ordered_grid(grid, rnd, "evaluate")),
-                      key=lambda m: (self.site_of(m.metadata.dst_node_id), m.metadata.dst_node_id))
+        msgs = self._by_site(self.inner.configure_evaluate(rnd, arrays, config,
+                                                           self._ordered_grid(grid, rnd, "evaluate")))
         nbytes = self._encode_into(msgs, arrays)
         self._sent[(rnd, "evaluate")] = msgs
         self._log(rnd).bytes_down += nbytes * len(msgs)
