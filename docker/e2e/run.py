@@ -61,7 +61,7 @@ VICTIM = "hospital-b"
 # small and quick: ResNet-10 on 32 px patches, 2 rounds of 1 local epoch; min-fit-clients=1 lets
 # round 1 close without the hospital that is killed in it
 RUN_CONFIG = ('clients=2 rounds=2 arch="resnet10" image-size=32 local-epochs=1 batch-size=8 workers=1 '
-              'min-fit-clients=1 node-timeout=240 round-timeout=600')
+              'min-fit-clients=1 node-timeout=240 round-timeout=300')
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 SECRET_SUFFIXES = (".key", ".pem", ".crt", ".pub", ".p12", ".pfx", ".csr", ".der")
 SCAN_SUFFIXES = (".mhd", ".raw", ".mha", ".nii", ".nii.gz", ".dcm")
@@ -457,9 +457,14 @@ class E2E:
         return None
 
     def training(self, service: str) -> bool:
-        """The SuperNode took a train message and its ClientApp process is running."""
+        """The SuperNode has received a train message whole and started its ClientApp for it.
+
+        Killed earlier (while the message still arrives), the SuperLink counts it delivered and
+        a node back online never answers it: the round then waits for round-timeout."""
         logs = self.podman("logs", self.container(service), check=False)
-        if "Receiving: train message" not in logs.stdout + logs.stderr:
+        text = logs.stdout + logs.stderr
+        at = text.rfind("Receiving: train message")
+        if at < 0 or "Start `flwr-clientapp` process" not in text[at:]:
             return False
         return "flwr-clientapp" in self.podman("top", self.container(service), "args", check=False).stdout
 
@@ -538,21 +543,29 @@ class E2E:
         runs = {}
         # a run that sets a rehearsal setting
         env = dict(self.compose_env, LUNAFL_RUN_CONFIG=RUN_CONFIG + " fail-prob=0.5", LUNAFL_RUN_NAME="rehearsal")
-        runs["rehearsal"] = self.refused_run(env, "fail-prob=0.5")
+        runs["rehearsal"] = self.refused_run(env, "refuses the run", "fail-prob=0.5")
         # a server of another release: the app it submits says 0.0.9
         other = self.work / "app-0.0.9"
-        shutil.copytree(ROOT, other, ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__", "tests", "runs",
-                                                                   "data", "*.egg-info"))
+        def ignore(folder: str, names: list[str]) -> set[str]:
+            top = {".git", ".venv", "tests", "runs", "data", "build"} if Path(folder) == ROOT else set()
+            return {n for n in names if n in top or n == "__pycache__" or n.endswith(".egg-info")}
+
+        shutil.copytree(ROOT, other, ignore=ignore)
         init = other / "common" / "__init__.py"
         init.write_text(init.read_text().replace('__version__ = "0.1.0"', '__version__ = "0.0.9"'))
         self.chown(other, SERVER_UID)
         env = dict(self.compose_env, LUNAFL_RUN_NAME="other-release")
         runs["release"] = self.refused_run(env, "the server runs luna-fl 0.0.9, this site runs luna-fl 0.1.0",
                                            app=other)
+        for site in SITES:  # and the hospitals' own logs say it too
+            logs = self.podman("logs", self.container(site), check=False)
+            said = [ln for ln in (logs.stdout + logs.stderr).splitlines() if "refuses the run" in ln]
+            runs["rehearsal"] = (runs["rehearsal"][0], runs["rehearsal"][1] + f"; {site}'s log: "
+                                 f"{len(said)} line(s) saying it refuses the run")
         self.check("a hospital refuses a rehearsal setting, naming it", runs["rehearsal"][0], runs["rehearsal"][1])
         self.check("a server of another release is named with both versions", runs["release"][0], runs["release"][1])
 
-    def refused_run(self, env: dict[str, str], expect: str, app: Path | None = None) -> tuple[bool, str]:
+    def refused_run(self, env: dict[str, str], *expect: str, app: Path | None = None) -> tuple[bool, str]:
         name = f"{PROJECT}_refused"
         pod = self.podman("inspect", "--format", "{{.Pod}}", self.container("superlink")).stdout.strip()
         args = ["run", "--name", name, *(["--pod", pod] if pod else []), "--user", f"{SERVER_UID}:{SERVER_UID}",
@@ -568,7 +581,7 @@ class E2E:
         proc = self.podman(*args, SERVER, "run", check=False, timeout=900, name=f"refused-{env['LUNAFL_RUN_NAME']}")
         self.podman("rm", "-f", name, check=False)
         text = proc.stdout + proc.stderr
-        hit = next((ln.strip() for ln in text.splitlines() if expect in ln), "")
+        hit = next((ln.strip() for ln in text.splitlines() if all(x in ln for x in expect)), "")
         return (proc.returncode != 0 and bool(hit),
                 f"`run` exit {proc.returncode}; {hit[:400] or 'not named: ' + text[-1500:]}")
 
