@@ -128,3 +128,25 @@ def test_no_package_registry_host_is_named_in_the_repository():
                 hits.append(f"{path.relative_to(ROOT)}:{n}: {m.group(1)}")
     assert not hits, "package-registry host names (pip's configured index is the default; pass another " \
                      f"index as a build argument at build time): {hits}"
+
+
+def test_the_end_to_end_script_uses_the_compose_file_as_it_is_but_for_the_gateway_image():
+    import yaml
+
+    from common.config import RunConfig
+
+    override = yaml.safe_load((ROOT / "docker" / "e2e" / "compose.yml").read_text())["services"]
+    assert set(override) == {"gateway"} and set(override["gateway"]) <= {"image", "entrypoint", "volumes"}
+    assert all(v.endswith(":ro") for v in override["gateway"]["volumes"])
+    for script, shell in (("docker/e2e.sh", "bash"), ("docker/e2e/gateway.sh", "sh")):
+        assert subprocess.run([shell, "-n", str(ROOT / script)], timeout=30).returncode == 0, script
+    e2e = docker_script("e2e/run")
+    # the uids it gives each hospital's files are the compose file's defaults
+    hospitals = yaml.safe_load((ROOT / "docker" / "docker-compose.yml").read_text())["services"]
+    for site, uid in e2e.SITES.items():
+        assert re.search(rf":-{uid}\}}", hospitals[site]["user"]), (site, hospitals[site]["user"])
+    # its run configuration is valid, and small
+    ep = docker_script("entrypoint")
+    cfg = RunConfig.from_dict({k.replace("-", "_"): tomllib.loads(f"v = {v}")["v"]
+                               for k, v in ep.key_values("RUN_CONFIG", e2e.RUN_CONFIG)} | {"federation": "deployment"})
+    assert cfg.rounds == 2 and cfg.clients == len(e2e.SITES) and cfg.arch == "resnet10" and not cfg.rehearsal()
