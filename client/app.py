@@ -36,12 +36,18 @@ log = logging.getLogger(__name__)
 app = ClientApp()
 
 
-def _config(msg: Message) -> tuple[RunConfig, ConfigRecord]:
-    """The run configuration the server sent, checked before this site does anything with it."""
+def _config(msg: Message, context: Context) -> tuple[RunConfig, ConfigRecord]:
+    """The run configuration the server sent, checked before this site does anything with it.
+
+    In deployment this code arrives in the server's app bundle, so the site's own release is
+    the one its SuperNode was started with (``luna-fl-version`` in its node config, set by
+    docker/entrypoint.py from the hospital's image); without it, this code's own.
+    """
     rec = cast(ConfigRecord, msg.content["config"])  # RecordDict items are typed as any kind of record
     theirs = str(rec.get("luna-fl-version", "")) or "an unknown version (older than 0.1.0)"
-    if theirs != __version__:
-        raise SiteError(f"the server runs luna-fl {theirs}, this site runs luna-fl {__version__}: "
+    ours = str(context.node_config.get("luna-fl-version", "")) or __version__
+    if theirs != ours:
+        raise SiteError(f"the server runs luna-fl {theirs}, this site runs luna-fl {ours}: "
                         "both sides must run the same release")
     try:
         cfg = RunConfig.from_json(str(rec["run-config"]))
@@ -92,7 +98,7 @@ def _reply(msg: Message, content: dict) -> Message:
 @app.query()
 def hello(msg: Message, context: Context) -> Message:
     """The handshake: who this site is and what it can train, checked before any round."""
-    cfg, rec = _config(msg)
+    cfg, rec = _config(msg, context)
     data = site_data(cfg, rec, context)
     model = model_lib.build_model(cfg.arch, cfg.norm)
     node = context.node_config
@@ -113,7 +119,7 @@ def hello(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     started = time.time()
-    cfg, rec = _config(msg)
+    cfg, rec = _config(msg, context)
     server_round = int(wire.scalar(rec["server-round"]))
     data = site_data(cfg, rec, context)
     deadline = float(wire.scalar(rec["deadline"])) if "deadline" in rec else None
@@ -141,7 +147,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    cfg, rec = _config(msg)
+    cfg, rec = _config(msg, context)
     data = site_data(cfg, rec, context)
     metrics = _validation(cfg, data, _arrays_in(msg, cfg), int(wire.scalar(rec.get("server-round", 0))))
     metrics["unit-weight"] = 1.0
@@ -153,7 +159,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 def bn_stats(msg: Message, context: Context) -> Message:
     """``--bn-stats sites``: the final global model's BatchNorm statistics on this site's
     training patches, with the number of patches as their weight."""
-    cfg, rec = _config(msg)
+    cfg, rec = _config(msg, context)
     data = site_data(cfg, rec, context)
     stats = site_bn_statistics(cfg, data, _arrays_in(msg, cfg))
     release_freed_memory()

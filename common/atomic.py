@@ -11,8 +11,13 @@ from pathlib import Path
 from typing import IO, Any
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], object], binary: bool = False) -> None:
-    """Call ``write(fh)`` on a temporary file in the same folder, fsync, then ``os.replace``."""
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], object], binary: bool = False,
+                 mode: int | None = None) -> None:
+    """Call ``write(fh)`` on a temporary file in the same folder, fsync, then ``os.replace``.
+
+    The file is created 0600 (``mkstemp``); ``mode`` sets its permissions before it becomes
+    visible (a private key is never readable by others, not even for a moment).
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
@@ -20,6 +25,8 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], object
         with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", newline="")) as fh:
             write(fh)
             fh.flush()
+            if mode is not None:
+                os.fchmod(fh.fileno(), mode)
             os.fsync(fh.fileno())
         os.replace(tmp, target)
     except BaseException:

@@ -31,10 +31,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import ipaddress
-import os
-import re
 import sys
-import tempfile
 from pathlib import Path
 
 from cryptography import x509
@@ -42,7 +39,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+# docker/deployment/ (the one site-name pattern) and common/ (atomic writes), also when loaded by path
+for _folder in (Path(__file__).resolve().parent, Path(__file__).resolve().parents[1]):
+    if str(_folder) not in sys.path:
+        sys.path.insert(0, str(_folder))
+
+from deployment.settings import SITE_NAME  # noqa: E402
+
+from common.atomic import atomic_write  # noqa: E402
+
 CURVE = ec.SECP384R1  # Flower accepts NIST curves for SuperNode keys; P-384 as in its docs
 ALWAYS_DNS = ("localhost",)
 ALWAYS_IP = ("127.0.0.1",)
@@ -54,18 +59,7 @@ class CertError(ValueError):
 
 def write_atomic(path: Path, data: bytes, mode: int) -> None:
     """Write ``data`` to ``path`` with ``mode`` set before the file becomes visible."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # created 0600
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fchmod(fh.fileno(), mode)
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda fh: fh.write(data), binary=True, mode=mode)
 
 
 def _refuse_existing(paths: list[Path], force: bool) -> None:

@@ -90,7 +90,7 @@ def base_config(sr: ServerRun) -> ConfigRecord:
     (:meth:`RunConfig.for_site`) and, in simulation, where the shared cache and the site
     plan are (and any fault rehearsal, which only sim/faults.py reads)."""
     rec: dict[str, Any] = {"run-config": sr.cfg.for_site(), "luna-fl-version": __version__}
-    if sr.cfg.rehearsal() and sr.cfg.federation == "simulation":  # for sim/faults.py; a hospital refuses it
+    if sr.cfg.rehearsal():  # for sim/faults.py; a deployed hospital refuses the run, naming the setting
         rec["rehearsal"] = json.dumps(sr.cfg.rehearsal())
     if sr.prepared is not None and sr.cfg.federation == "simulation":
         rec["plan-path"] = str(sr.run.path / "sites.json")

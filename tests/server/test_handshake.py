@@ -142,6 +142,18 @@ def test_a_server_of_another_release_is_named_with_both_versions(server_run, mon
     assert f"the server runs luna-fl 0.0.9, this site runs luna-fl {common.__version__}" in str(err.value)
 
 
+def test_a_deployed_site_names_the_release_of_its_own_image(server_run):
+    """In deployment the ClientApp's code comes in the server's app bundle: the site's release is
+    the one its SuperNode was started with (``luna-fl-version`` in its node config)."""
+    import common
+
+    sig = signature(build_model(server_run.cfg.arch, server_run.cfg.norm))
+    grid = InProcessGrid({n: {**node, "luna-fl-version": "0.2.0"} for n, node in nodes(2).items()})
+    with pytest.raises(HandshakeError, match="only 0 of 2 sites") as err:
+        handshake(grid, server_run, sig)
+    assert f"the server runs luna-fl {common.__version__}, this site runs luna-fl 0.2.0" in str(err.value)
+
+
 def test_the_release_is_the_package_version():
     import tomllib
 
