@@ -1,10 +1,12 @@
-"""Atomic file writes: a reader (or a run restarted after a crash) sees the old file or
-the whole new one, never half of it. Write beside the target, fsync, then rename."""
+"""Atomic writes: a reader (or a run restarted after a crash) sees the old file or the
+whole new one, never half of it. Write beside the target, fsync, then rename; a folder
+(a data set, a patch cache) is built beside its place and published by one rename."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +34,20 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], object
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def publish_dir(tmp: str | os.PathLike[str], final: str | os.PathLike[str]) -> bool:
+    """Make the finished folder ``tmp`` visible as ``final`` in one rename (``final`` may be
+    an empty folder). If ``final`` has content already (another process finished first),
+    keep it, remove ``tmp`` and return False."""
+    try:
+        os.rename(tmp, final)  # POSIX: replaces an empty folder, refuses a non-empty one
+        return True
+    except OSError:
+        if not Path(final).is_dir():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        return False
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.atomic import atomic_write_json
+from common.atomic import atomic_write_json, publish_dir
 from common.data.luna16 import DataError, Luna16, read_scan
 from common.data.patches import PatchSpec, extract
 
@@ -254,10 +254,7 @@ def build_cache(luna: Luna16, spec: PatchSpec, cache_root: Path | str, *, worker
         "patches_per_second": round(done / max(seconds, 1e-9), 1),
     }
     atomic_write_json(tmp / "meta.json", meta)
-    try:
-        os.rename(tmp, final)
-    except OSError:  # another process finished the same cache first: use theirs
-        shutil.rmtree(tmp, ignore_errors=True)
+    publish_dir(tmp, final)  # False: another process finished the same cache first; use theirs
     log.info("patch cache built: %s (%d patches from %d scans in %.1fs, %.0f patches/s; %d scan(s) skipped)",
              final, n_valid, len(jobs) - len(bad), seconds, meta["patches_per_second"], len(bad))
     return open_cache(final)

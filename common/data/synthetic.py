@@ -40,6 +40,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from common.atomic import publish_dir
+
 log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 2  # 2: adult-scale chests on a body-fitted field of view
@@ -540,9 +542,8 @@ def make_dataset(out: Path | str, n_scans: int, seed: int = 0, *, test_scans: in
         (tmp / "README.txt").write_text(
             "Synthetic chest CT in LUNA16's format, made by sim/make_data.py. Not patient data; "
             "research and software testing only, never for diagnosis.\n")
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
+        if not publish_dir(tmp, out):
+            raise ValueError(f"{out} was filled by another process while this one made its data; choose another --out")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
