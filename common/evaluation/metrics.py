@@ -19,7 +19,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score
+from scipy.stats import rankdata
 
 METRICS = ("loss", "accuracy", "balanced_accuracy", "precision", "recall", "specificity", "f1", "roc_auc",
            "pr_auc")
@@ -76,13 +76,38 @@ def binary_metrics(labels: np.ndarray, logits: np.ndarray, threshold: float = 0.
         "recall": recall,
         "specificity": specificity,
         "f1": _div(2 * precision * recall, precision + recall) if tp else (0.0 if len(y) else math.nan),
-        "roc_auc": float(roc_auc_score(y, p)) if both else math.nan,
-        "pr_auc": float(average_precision_score(y, p)) if both else math.nan,
+        "roc_auc": roc_auc(y, p) if both else math.nan,
+        "pr_auc": average_precision(y, p) if both else math.nan,
         "n": float(len(y)),
         "positives": float(y.sum()),
         "prevalence": _div(float(y.sum()), len(y)),
     }
     return out
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """ROC-AUC as the Mann-Whitney statistic (ties count one half): the same number as
+    ``sklearn.metrics.roc_auc_score``, without its input checks, which cost more than the
+    sum itself in a 1000-resample bootstrap."""
+    y = np.asarray(labels).astype(bool)
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    ranks = rankdata(np.asarray(scores, dtype=np.float64))
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
+    """PR-AUC as ``sklearn.metrics.average_precision_score`` computes it: the sum over
+    distinct thresholds of precision times the step in recall."""
+    y = np.asarray(labels).astype(np.float64)
+    s = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # the last example at each distinct score
+    tps = np.cumsum(y)[last]
+    precision = tps / (last + 1)
+    recall = tps / tps[-1]
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
 def threshold_counts(labels: np.ndarray, logits: np.ndarray, thresholds: tuple[float, ...] = THRESHOLDS
