@@ -38,6 +38,7 @@ loop = docker_script("loopback")
 ENTRY, CERTS, BIN = loop.ENTRY, loop.CERTS, loop.BIN
 base_env, free_port, rows, wait_for = loop.base_env, loop.free_port, loop.rows, loop.wait_for
 SITES = ["hospital-a", "hospital-b"]
+HEARTBEAT_S = 10  # Flower's shortest heartbeat interval (its default: 30 s): a dead node is seen after 2 x 10 s
 # the tiny federation of the issue: ResNet-10 on 32 px patches, 2 rounds of 1 local epoch
 TINY = tiny_run_config(rounds=2)
 
@@ -64,7 +65,8 @@ class Holds:
 
     def env(self) -> dict[str, str]:
         path = [str(self.HOOKS), *filter(None, [os.environ.get("PYTHONPATH", "")])]
-        return {"LUNAFL_TEST_HOLDS": str(self.folder), "PYTHONPATH": os.pathsep.join(path)}
+        return {"LUNAFL_TEST_HOLDS": str(self.folder), "LUNAFL_TEST_HEARTBEAT": str(HEARTBEAT_S),
+                "PYTHONPATH": os.pathsep.join(path)}
 
     def arm(self, point: str) -> None:
         (self.folder / f"{point}.arm").touch()
@@ -527,15 +529,16 @@ def test_a_hospital_killed_while_training_or_after_sending_is_handled_in_that_ph
       other hospital and names the lost one; restarted, the hospital trains in round 2;
     - round 2, after its update reached the server (the server held with every reply in,
       before aggregating): its update counts, the round fails nobody, and the hospital,
-      restarted, answers the final evaluation.
+      restarted, answers the final evaluation (round 2's).
     """
     import psutil
 
     run_name, victim = "site-crash", SITES[1]
     results = federation.state / "runs" / run_name
-    # round-timeout far above Flower's heartbeat patience (2 x 30 s): the lost node is
+    # round-timeout far above Flower's heartbeat patience (2 x HEARTBEAT_S): the lost node is
     # detected by its missing heartbeat, never by the round's clock
-    cfg = TINY.replace("rounds=2", "rounds=2 round-timeout=300 node-timeout=120 min-fit-clients=1")
+    # (bn-stats averaged: the last round's evaluation is the final one, no extra round trips)
+    cfg = TINY.replace("rounds=2", 'rounds=2 round-timeout=300 node-timeout=120 min-fit-clients=1 bn-stats="averaged"')
     training, replied = f"{victim}.train.1", f"{run_name}.server.aggregate.2"
     federation.holds.arm(training)
     federation.holds.arm(replied)
@@ -562,7 +565,7 @@ def test_a_hospital_killed_while_training_or_after_sending_is_handled_in_that_ph
     federation.holds.wait(replied, 300, proc, log)
     federation.procs.stop(victim, signal.SIGKILL)
     # The SuperLink refuses a node that is still online, so a restarted SuperNode joins once
-    # the old one's heartbeat has lapsed (2 x 30 s at most): wait for that, then restart it.
+    # the old one's heartbeat has lapsed (2 x HEARTBEAT_S at most): wait for that, then restart it.
     wait_for("the SuperLink sees the victim offline", lambda: federation.online() == 1, 120, proc, log)
     federation.start_sites(victim, connected=True)  # back before the final evaluation is sent
     federation.holds.release(replied)

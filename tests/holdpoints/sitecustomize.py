@@ -16,6 +16,10 @@ the process is killed. Unarmed points cost one failed rename. The points:
 ``<site>.train.<round>``   client.site.train_site, before the site trains
 ``<run-name>.server.aggregate.<round>``   server.guard.Guard.aggregate_train, once
                                       every reply of the round is in, before aggregating
+
+``LUNAFL_TEST_HEARTBEAT=S`` also sets Flower's heartbeat interval to S seconds (Flower's
+floor is 10; its default 30) in every process, so that a killed SuperNode is seen offline
+after 2 x S seconds instead of a minute: the same detection, sooner.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from importlib.abc import MetaPathFinder
 from pathlib import Path
 
 HOLDS = os.environ.get("LUNAFL_TEST_HOLDS", "")
+HEARTBEAT = os.environ.get("LUNAFL_TEST_HEARTBEAT", "")
 MAX_HOLD_S = 900.0  # a test that died without releasing must not leave a process blocked forever
 
 
@@ -70,7 +75,14 @@ def _patch_strategy(module) -> None:
     module.Guard.aggregate_train = aggregate_train
 
 
+def _patch_heartbeat(module) -> None:
+    # before any Flower module imports the name (they copy it with ``from ... import``)
+    module.HEARTBEAT_DEFAULT_INTERVAL = max(float(HEARTBEAT), module.HEARTBEAT_MIN_INTERVAL)
+
+
 PATCHES = {"client.site": _patch_site, "server.guard": _patch_strategy}
+if HEARTBEAT:
+    PATCHES["flwr.common.constant"] = _patch_heartbeat
 
 
 class _Finder(MetaPathFinder):
@@ -97,5 +109,5 @@ class _Finder(MetaPathFinder):
         return spec
 
 
-if HOLDS:
+if HOLDS or HEARTBEAT:
     sys.meta_path.insert(0, _Finder())
