@@ -18,6 +18,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from common.evaluation.metrics import OPERATING_RULES
+
 # The strategies by name, each with the settings of its own: the one list the CLI's choices and
 # help, the config check, the Flower app table and the README's strategy table follow;
 # server/strategies.py builds each (a test keeps its builders and this table in step).
@@ -170,8 +172,9 @@ class RunConfig:
     run_name: str = _f("", "name of the results folder (empty = made from mode, strategy and time)")
     keep_checkpoints: int = _f(2, "global-model checkpoints kept (the newest N)")
     op_rule: str = _f("youden", "how the operating point is chosen from the sites' summed validation counts "
-                      "(centralized: its pooled validation split): youden (max recall + specificity - 1) or f1",
-                      choices=("youden", "f1"))
+                      "(centralized: its pooled validation split): youden (max recall + specificity - 1), f1, "
+                      "or recall90 (the highest threshold that keeps validation recall at 0.90: screening)",
+                      choices=OPERATING_RULES)
     eval_every: int = _f(1, "evaluate on the test split every N rounds (and always after the last)")
     # --- experiment tracking (never needed to train; a results folder is always written) ---
     tracking: str = _f("off", "also log the run to an experiment tracker: off or mlflow (parameters, per-round "

@@ -17,7 +17,7 @@ from common.config import RunConfig
 from common.data.loaders import epoch_size, eval_loader, train_loader
 from common.data.prepare import Prepared
 from common.evaluation.holdout import TestSplit
-from common.evaluation.metrics import choose_threshold, threshold_counts
+from common.evaluation.metrics import operating_point_fields, threshold_counts
 from common.training import model as model_lib
 from common.training.engine import evaluate, prepare, train_one_epoch
 from experiment.results import RunDir, starting_model
@@ -49,11 +49,7 @@ def run_centralized(cfg: RunConfig, run: RunDir, prepared: Prepared, checkpoint:
         if not tracker.due(rnd):
             return {}
         _, logits, labels = evaluate(model, val_loader, device, cfg.amp)
-        op = choose_threshold(threshold_counts(labels, logits), cfg.op_rule)
-        if op is None:
-            return {}
-        return {"op_threshold": op["threshold"], "op_rule": cfg.op_rule, "op_model_round": rnd,
-                **{f"op_{k}": v for k, v in op.items() if k not in ("threshold", "rule")}}
+        return operating_point_fields(threshold_counts(labels, logits), cfg.op_rule, rnd)
 
     def train() -> dict[str, Any]:
         if start == 0:

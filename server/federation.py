@@ -25,7 +25,7 @@ from common.data.loaders import epoch_size
 from common.data.partition import format_summary, save_summary, summary_rows
 from common.data.prepare import Prepared, prepare
 from common.evaluation.holdout import TestSplit
-from common.evaluation.metrics import COUNT_KEYS, choose_threshold, sum_counts
+from common.evaluation.metrics import COUNT_KEYS, operating_point_fields, sum_counts
 from common.training import model as model_lib
 from common.training import wire
 from common.training.memory import release_freed_memory
@@ -378,11 +378,7 @@ def operating_point(site_counts: dict[str, dict], rule: str, model_round: int) -
     the sites' per-threshold validation counts (their sum; see common.evaluation.metrics)."""
     if not site_counts:
         return {}
-    counts = sum_counts([site_counts[s] for s in sorted(site_counts)])
-    op = choose_threshold(counts, rule)
-    if op is None:
-        return {}
-    return {"op_threshold": op["threshold"], "op_rule": rule, "op_model_round": model_round,
-            "op_sites": sorted(site_counts), **{f"op_{k}": v for k, v in op.items() if k not in ("threshold", "rule")}}
+    op = operating_point_fields(sum_counts([site_counts[s] for s in sorted(site_counts)]), rule, model_round)
+    return {**op, "op_sites": sorted(site_counts)} if op else {}
 
 

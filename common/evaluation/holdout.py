@@ -80,7 +80,7 @@ class TestSplit:
         ``operating_point``: a round row holding ``op_threshold`` (chosen on validation data,
         never on this split); the summary then also gives the threshold metrics there.
         """
-        from common.evaluation.metrics import OP_METRICS, binary_metrics
+        from common.evaluation.metrics import OP_METRICS, OPERATING_RULES, binary_metrics, choose_threshold
 
         point = binary_metrics(labels, logits)
         ci = bootstrap_ci(labels, logits, self.seriesuid, n_boot=n_boot, seed=seed)
@@ -113,6 +113,13 @@ class TestSplit:
                 "metrics": {k: at[k] for k in OP_METRICS},
                 "ci95": {k: list(v) for k, v in op_ci.items()},
             }
+            counts = operating_point.get("op_counts")
+            if counts:  # the same validation counts under every rule: the trade-off a user picks from
+                summary["operating_point"]["by_rule"] = {
+                    rule: {"threshold": float(c["threshold"]), "val_recall": c["val_recall"],
+                           **{k: v for k, v in binary_metrics(labels, logits, float(c["threshold"])).items()
+                              if k in OP_METRICS}}
+                    for rule in OPERATING_RULES if (c := choose_threshold(counts, rule)) is not None}
         if res is not None:
             summary["metrics"]["cpm"] = res.cpm
             summary["ci95"]["cpm"] = list(res.cpm_ci) if res.cpm_ci else None

@@ -19,7 +19,6 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
-from scipy.stats import rankdata
 
 METRICS = ("loss", "accuracy", "balanced_accuracy", "precision", "recall", "specificity", "f1", "roc_auc",
            "pr_auc")
@@ -28,7 +27,9 @@ METRICS = ("loss", "accuracy", "balanced_accuracy", "precision", "recall", "spec
 # 0.01 steps, with finer steps near 0 and 1 where a rare class puts its thresholds
 THRESHOLDS: tuple[float, ...] = (0.001, 0.002, 0.005, *(round(k / 100, 2) for k in range(1, 100)), 0.995, 0.998,
                                  0.999)
-OPERATING_RULES = ("youden", "f1")
+# how a threshold is chosen from (summed) validation counts: see choose_threshold
+OPERATING_RULES = ("youden", "f1", "recall90")
+SCREENING_RECALL = 0.90  # recall90: the validation recall a screening operating point must keep
 COUNT_KEYS = ("op-positives", "op-negatives", "op-tp", "op-fp")
 OP_METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "balanced_accuracy")  # at the operating point
 
@@ -92,8 +93,20 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     y = np.asarray(labels).astype(bool)
     n_pos = int(y.sum())
     n_neg = len(y) - n_pos
-    ranks = rankdata(np.asarray(scores, dtype=np.float64))
+    ranks = average_ranks(np.asarray(scores, dtype=np.float64))
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``x``, tied values sharing the mean of their ranks."""
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    group = np.cumsum(np.r_[True, xs[1:] != xs[:-1]]) - 1  # each sorted value's tie group
+    ends = np.cumsum(np.bincount(group))  # the last rank of each group
+    sizes = np.bincount(group)
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = (ends - (sizes - 1) / 2.0)[group]
+    return ranks
 
 
 def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -151,7 +164,9 @@ def choose_threshold(counts: dict, rule: str = "youden", thresholds: tuple[float
     weighs a missed nodule and a false alarm by their class sizes, not by the class
     ratio, so a rare class is not sacrificed). ``f1``: the one that maximises F1. Where
     several thresholds tie (a plateau between two validation scores), the middle one of
-    the plateau is taken, away from both scores.
+    the plateau is taken, away from both scores. ``recall90``: a screening operating
+    point, the highest threshold (fewest false alarms) at which validation recall is still
+    at least :data:`SCREENING_RECALL`; where no threshold keeps it, the one of highest recall.
     """
     if rule not in OPERATING_RULES:
         raise ValueError(f"operating-point rule {rule!r}: choose one of {', '.join(OPERATING_RULES)}")
@@ -160,13 +175,35 @@ def choose_threshold(counts: dict, rule: str = "youden", thresholds: tuple[float
         return None
     tp, fp = np.asarray(counts["op-tp"], dtype=float), np.asarray(counts["op-fp"], dtype=float)
     recall, fpr = tp / n_pos, fp / n_neg
+    if rule == "recall90":
+        keeps = np.flatnonzero(recall >= SCREENING_RECALL - 1e-12)
+        k = int(keeps[-1]) if len(keeps) else int(np.flatnonzero(recall >= recall.max() - 1e-12)[-1])
+        return _chosen(thresholds, k, rule, float(recall[k]), recall, fpr, tp, fp, n_pos, n_neg)
     if rule == "youden":
         score = recall - fpr
     else:
         score = np.where(tp > 0, 2 * tp / np.maximum(2 * tp + fp + (n_pos - tp), 1), 0.0)
     best = np.flatnonzero(score >= score.max() - 1e-12)
     k = int(best[(len(best) - 1) // 2])
-    return {"threshold": float(thresholds[k]), "rule": rule, "score": float(score[k]),
+    return _chosen(thresholds, k, rule, float(score[k]), recall, fpr, tp, fp, n_pos, n_neg)
+
+
+def operating_point_fields(counts: dict, rule: str, model_round: int) -> dict[str, object]:
+    """A round row's operating-point fields (``op_*``) for round ``model_round``'s model,
+    chosen by ``rule`` from ``counts`` (the summed counts: what sites send, added up);
+    empty without both classes. The counts themselves are kept (``op_counts``), so any
+    other rule can be applied to a finished run afterwards."""
+    op = choose_threshold(counts, rule)
+    if op is None:
+        return {}
+    return {"op_threshold": op["threshold"], "op_rule": rule, "op_model_round": model_round,
+            **{f"op_{k}": v for k, v in op.items() if k not in ("threshold", "rule")},
+            "op_counts": {k: counts[k] for k in COUNT_KEYS}}
+
+
+def _chosen(thresholds: tuple[float, ...], k: int, rule: str, score: float, recall: np.ndarray, fpr: np.ndarray,
+            tp: np.ndarray, fp: np.ndarray, n_pos: int, n_neg: int) -> dict[str, float | str]:
+    return {"threshold": float(thresholds[k]), "rule": rule, "score": score,
             "val_recall": float(recall[k]), "val_specificity": float(1 - fpr[k]),
             "val_precision": _div(float(tp[k]), float(tp[k] + fp[k])),
             "val_positives": n_pos, "val_negatives": n_neg}

@@ -25,7 +25,7 @@ def test_bench_quick_writes_every_field(tmp_path):
         assert o["bytes_up_per_site_per_round"] > 0 and o["memory"]["per_site_gib"] > 0
     w = r["wire"]
     assert w["float16"]["bytes_up_per_site_per_round"] < 0.6 * w["float32"]["bytes_up_per_site_per_round"]
-    assert w["bfloat16"]["bytes_up_per_site_per_round"] < 0.6 * w["float32"]["bytes_up_per_site_per_round"]
+    assert set(w) == {"float32", "float16"}  # --quick leaves bfloat16 out
     assert all(0 <= v["final_test_auc"] <= 1 for v in w.values())
     d = r["dp"]
     for k in ("nodp_fp32", "nodp_amp", "dp_ghost", "dp_hooks", "ratio_dp_ghost_vs_nodp_fp32"):

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy.stats import rankdata
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from common.evaluation.metrics import average_precision, binary_metrics, bootstrap_ci, roc_auc
+from common.evaluation.metrics import average_precision, average_ranks, binary_metrics, bootstrap_ci, roc_auc
 
 
 @pytest.mark.parametrize("decimals", [1, 2, 6])  # 1 decimal: many tied scores
@@ -18,6 +19,7 @@ def test_auc_and_average_precision_equal_scikit_learn(decimals):
         if y.min() == y.max():
             continue
         p = np.round(rng.random(n) * 0.5 + 0.5 * y * rng.random(n), decimals)
+        np.testing.assert_array_equal(average_ranks(p), rankdata(p))
         assert roc_auc(y, p) == pytest.approx(roc_auc_score(y, p), abs=1e-12)
         assert average_precision(y, p) == pytest.approx(average_precision_score(y, p), abs=1e-12)
 

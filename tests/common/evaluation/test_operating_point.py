@@ -45,6 +45,11 @@ def test_summed_site_counts_are_the_pooled_counts_and_pick_the_pooled_optimum(se
     assert op["val_recall"] == pytest.approx(m["recall"]) and op["val_specificity"] == pytest.approx(m["specificity"])
     f1 = np.array([binary_metrics(y, z, t)["f1"] for t in THRESHOLDS])
     assert f1[THRESHOLDS.index(choose_threshold(summed, "f1")["threshold"])] == pytest.approx(np.nanmax(f1))
+    # recall90: the highest threshold of the grid at which pooled recall is still >= 0.90
+    recall = np.array([np.mean(p[y == 1] >= t) for t in THRESHOLDS])
+    op = choose_threshold(summed, "recall90")
+    assert op["threshold"] == max(t for t, r in zip(THRESHOLDS, recall) if r >= 0.9)
+    assert op["val_recall"] == pytest.approx(binary_metrics(y, z, op["threshold"])["recall"]) and op["score"] >= 0.9
 
 
 def test_counts_hold_no_predictions_and_the_choice_follows_them():
@@ -123,9 +128,16 @@ def test_federated_operating_point_equals_the_one_from_pooled_validation_predict
     model.load_state_dict(torch.load(run / "model_final.pt", weights_only=False)["model"])
     val = cache.rows_of(sorted(s for site in plan.sites for s in site.val))
     _, logits, labels = evaluate(model, eval_loader(cache, val), torch.device("cpu"), cfg.amp)
-    pooled = choose_threshold(threshold_counts(labels, logits), cfg.op_rule)
+    pooled_counts = threshold_counts(labels, logits)
+    pooled = choose_threshold(pooled_counts, cfg.op_rule)
     assert pooled["threshold"] == op["threshold"]
     assert pooled["val_positives"] == op["validation"]["positives"]
     test = np.load(run / "test_predictions.npz")
     at = binary_metrics(test["labels"], test["logits"], op["threshold"])
     assert op["metrics"]["recall"] == pytest.approx(at["recall"])
+    # every rule applied to the same summed counts: the chosen rule's row is the operating point
+    assert set(op["by_rule"]) == {"youden", "f1", "recall90"}
+    assert op["by_rule"][cfg.op_rule]["threshold"] == op["threshold"]
+    for rule, r in op["by_rule"].items():
+        assert r["threshold"] == choose_threshold(pooled_counts, rule)["threshold"], rule
+        assert r["recall"] == pytest.approx(binary_metrics(test["labels"], test["logits"], r["threshold"])["recall"])
