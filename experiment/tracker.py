@@ -203,14 +203,16 @@ class RunTracker:
 
 def operating_point_line(test: dict[str, Any]) -> str:
     """One line, in the reference workload's form: accuracy, recall, precision at the chosen
-    operating point, and at 0.5."""
+    operating point, at 0.5, and at the other rules' thresholds (the same validation counts)."""
     op, m = test["operating_point"], test["metrics"]
     at = op["metrics"]
     return (f"final model, test split ({test['test_scans']} scans, {test['class_ratio'].split(' ')[0]}): "
             f"{100 * at['accuracy']:.1f}% accuracy, {100 * at['recall']:.1f}% recall, "
             f"{100 * at['precision']:.1f}% precision at threshold {op['threshold']:g} ({op['rule']}, chosen from "
             f"{op['chosen_from']}); at 0.5: {100 * m['accuracy']:.1f}% / {100 * m['recall']:.1f}% / "
-            f"{100 * m['precision']:.1f}%")
+            f"{100 * m['precision']:.1f}%"
+            + "".join(f"; {rule} ({r['threshold']:g}): {100 * r['accuracy']:.1f}% / {100 * r['recall']:.1f}% / "
+                      f"{100 * r['precision']:.1f}%" for rule, r in op.get("by_rule", {}).items() if rule != op["rule"]))
 
 
 def _hms(seconds: float) -> str:
