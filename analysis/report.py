@@ -311,7 +311,9 @@ def operating_points(runs: list[Run]) -> list[str]:
                "Beside the fixed 0.5: the threshold each run chose on validation data, never on the test split. "
                "A federated run's sites send only per-threshold counts of their validation positives and negatives "
                "scoring above each of a fixed grid of thresholds; the server adds them up and takes the threshold "
-               "that maximises the rule (youden: recall + specificity - 1; f1: F1). The centralized baseline applies "
+               "the rule names (recall90, the default: the highest threshold that keeps the summed validation recall "
+               "at 0.90, a screening point; youden: the one that maximises recall + specificity - 1; f1: F1). "
+               "The centralized baseline applies "
                "the same functions to its pooled validation split. Test figures at the natural class ratio, 95% CIs "
                "by bootstrap over patients.", "",
                "| run | threshold (rule, chosen from) | accuracy | recall | precision | at 0.5: accuracy / recall / "

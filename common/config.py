@@ -171,9 +171,9 @@ class RunConfig:
     out: str = _f("runs", "folder that receives one results folder per run")
     run_name: str = _f("", "name of the results folder (empty = made from mode, strategy and time)")
     keep_checkpoints: int = _f(2, "global-model checkpoints kept (the newest N)")
-    op_rule: str = _f("youden", "how the operating point is chosen from the sites' summed validation counts "
-                      "(centralized: its pooled validation split): youden (max recall + specificity - 1), f1, "
-                      "or recall90 (the highest threshold that keeps validation recall at 0.90: screening)",
+    op_rule: str = _f("recall90", "how the operating point is chosen from the sites' summed validation counts "
+                      "(centralized: its pooled validation split): recall90 (the highest threshold that keeps "
+                      "validation recall at 0.90: a screening point), youden (max recall + specificity - 1) or f1",
                       choices=OPERATING_RULES)
     eval_every: int = _f(1, "evaluate on the test split every N rounds (and always after the last)")
     # --- experiment tracking (never needed to train; a results folder is always written) ---
