@@ -212,7 +212,8 @@ def operating_point_line(test: dict[str, Any]) -> str:
             f"{op['chosen_from']}); at 0.5: {100 * m['accuracy']:.1f}% / {100 * m['recall']:.1f}% / "
             f"{100 * m['precision']:.1f}%"
             + "".join(f"; {rule} ({r['threshold']:g}): {100 * r['accuracy']:.1f}% / {100 * r['recall']:.1f}% / "
-                      f"{100 * r['precision']:.1f}%" for rule, r in op.get("by_rule", {}).items() if rule != op["rule"]))
+                      f"{100 * r['precision']:.1f}%"
+                      for rule, r in op.get("by_rule", {}).items() if rule != op["rule"]))
 
 
 def _hms(seconds: float) -> str:

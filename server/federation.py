@@ -279,7 +279,7 @@ def final_operating_point(grid: Grid, sr: ServerRun, node_sites: dict[int, str],
         if r.has_error():
             log.warning("[site %s] could not evaluate the final model: %s", site, short_reason(r.error.reason))
             continue
-        m = r.content["metrics"]
+        m: dict[str, Any] = dict(r.content["metrics"])  # numbers, and the counts' lists
         if all(k in m for k in COUNT_KEYS):
             counts[site] = {k: (list(m[k]) if isinstance(m[k], list) else int(m[k])) for k in COUNT_KEYS}
         auc = float(m.get("roc_auc", float("nan")))

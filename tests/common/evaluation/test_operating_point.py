@@ -48,7 +48,7 @@ def test_summed_site_counts_are_the_pooled_counts_and_pick_the_pooled_optimum(se
     # recall90: the highest threshold of the grid at which pooled recall is still >= 0.90
     recall = np.array([np.mean(p[y == 1] >= t) for t in THRESHOLDS])
     op = choose_threshold(summed, "recall90")
-    assert op["threshold"] == max(t for t, r in zip(THRESHOLDS, recall) if r >= 0.9)
+    assert op["threshold"] == max(t for t, r in zip(THRESHOLDS, recall, strict=True) if r >= 0.9)
     assert op["val_recall"] == pytest.approx(binary_metrics(y, z, op["threshold"])["recall"]) and op["score"] >= 0.9
 
 
