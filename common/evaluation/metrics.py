@@ -156,7 +156,7 @@ def sum_counts(parts: list[dict], thresholds: tuple[float, ...] = THRESHOLDS) ->
     return {"op-positives": n_pos, "op-negatives": n_neg, "op-tp": tp.tolist(), "op-fp": fp.tolist()}
 
 
-def choose_threshold(counts: dict, rule: str = "youden", thresholds: tuple[float, ...] = THRESHOLDS
+def choose_threshold(counts: dict, rule: str, thresholds: tuple[float, ...] = THRESHOLDS
                      ) -> dict[str, float | str] | None:
     """The operating point from (summed) threshold counts; None without both classes.
 

@@ -61,8 +61,8 @@ def test_counts_hold_no_predictions_and_the_choice_follows_them():
     # a site with a perfect separation at 0.8 moves the federation's threshold there
     perfect = {"op-positives": 1000, "op-negatives": 1000, "op-tp": [1000 if t <= 0.8 else 0 for t in THRESHOLDS],
                "op-fp": [1000 if t <= 0.05 else 0 for t in THRESHOLDS]}
-    assert 0.05 < choose_threshold(sum_counts([c, perfect]))["threshold"] <= 0.8
-    assert choose_threshold({**c, "op-positives": 0}) is None  # one class only: no operating point
+    assert 0.05 < choose_threshold(sum_counts([c, perfect]), "youden")["threshold"] <= 0.8
+    assert choose_threshold({**c, "op-positives": 0}, "recall90") is None  # one class only: no operating point
     with pytest.raises(ValueError, match="thresholds"):
         sum_counts([c, {**c, "op-tp": c["op-tp"][:-1]}])
     with pytest.raises(ValueError, match="rule"):
@@ -90,7 +90,7 @@ def test_guard_keeps_each_sites_counts_and_the_server_sums_them():
     assert sorted(g.rounds[1].val_counts) == ["site-1", "site-2", "site-3", "site-4"]
     assert "op-tp" not in g.rounds[1].evaluate["site-1"]  # lists stay out of the metrics and the event log
     row = round_row(g, 2)
-    expected = choose_threshold(sum_counts([threshold_counts(*s) for s in sites]))
+    expected = choose_threshold(sum_counts([threshold_counts(*s) for s in sites]), g.cfg.op_rule)
     assert row["op_threshold"] == expected["threshold"] and row["op_model_round"] == 1
     assert row["op_val_positives"] == sum(int(s[0].sum()) for s in sites)
     assert operating_point({}, "youden", 1) == {}
