@@ -102,8 +102,8 @@ def average_ranks(x: np.ndarray) -> np.ndarray:
     order = np.argsort(x, kind="mergesort")
     xs = x[order]
     group = np.cumsum(np.r_[True, xs[1:] != xs[:-1]]) - 1  # each sorted value's tie group
-    ends = np.cumsum(np.bincount(group))  # the last rank of each group
     sizes = np.bincount(group)
+    ends = np.cumsum(sizes)  # the last rank of each group
     ranks = np.empty(len(x), dtype=np.float64)
     ranks[order] = (ends - (sizes - 1) / 2.0)[group]
     return ranks
