@@ -58,6 +58,9 @@ def backend_config(cfg: RunConfig, verbose: bool) -> tuple[dict, int]:
                  logging_level=init_args["logging_level"])
         cpus = int(ray.cluster_resources().get("CPU", 1))
     else:
+        # a new local instance: never one that `ray start` left running, which plain ray.init()
+        # would join (its CPUs, and the log line below would say the wrong thing)
+        init_args["address"] = "local"
         cpus = os.cpu_count() or 1
         if cfg.max_parallel:
             cpus = min(cpus, int(cfg.max_parallel * cfg.cpus_per_client))

@@ -1,26 +1,84 @@
-"""Shared fixtures: a tiny synthetic LUNA16 data set made once per test session."""
+"""Shared fixtures: the tiny synthetic LUNA16 data set and two finished tiny runs, each made
+once per test session, and the order tests are handed to pytest-xdist's workers.
+
+The suite runs on two pytest-xdist workers (``-n 2`` in pyproject.toml; ``-n 0`` runs it in one
+process). What the session makes once is made once for all workers: the first worker to need it
+makes it under a file lock in the folder the workers share, the others wait and read it.
+"""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two workers on two cores: one compute thread per process (and per process it starts), else
+    # the threads of both workers' torch spin against each other (a 4 s test took 35 s)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 TINY_SCANS = 20  # two per LUNA16 subset: subset 9 (the test split) gets two
+
+# Slowest first, so that no long test starts last on one worker while the other idles (seconds
+# measured on the 2-core machine, one worker). The rest keep pytest's order after these.
+SLOW_FIRST = (
+    "tests/docker/test_deployment.py",  # one federation shared by the module: one worker, ~300 s
+    "tests/sim/test_bench.py",
+    "tests/experiment/test_tracking.py::test_tracked_run_equals",
+    "tests/sim/test_faults.py::test_a_slow_site",  # waits out two 25 s deadlines: mostly idle
+    "tests/sim/test_simulation.py::test_resume_gives",
+    "tests/sim/test_faults.py::test_poisoning",
+    "tests/sim/test_simulation.py::test_central_dp",
+    "tests/analysis/test_report.py::test_seeds",
+    "tests/sim/test_simulation.py::test_fedprox",
+    "tests/sim/test_simulation.py::test_fused",
+    "tests/sim/test_faults.py::test_bad_updates",
+    "tests/analysis/test_report.py::test_dp_from_public",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        return next((i for i, p in enumerate(SLOW_FIRST) if item.nodeid.startswith(p)), len(SLOW_FIRST))
+
+    items.sort(key=rank)  # stable: pytest's order within each rank
+
+
+def shared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder every xdist worker of this session sees (the session's own folder without xdist)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@contextmanager
+def made_once(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[tuple[Path, bool]]:
+    """``(folder, exists)`` under a lock held across workers: make the folder when it does not exist."""
+    from filelock import FileLock
+
+    folder = shared_dir(tmp_path_factory) / name
+    with FileLock(str(folder) + ".lock"):
+        yield folder, (folder / ".done").exists()
 
 
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory) -> Path:
     from common.data.synthetic import make_dataset
 
-    root = tmp_path_factory.mktemp("data") / "luna"
-    make_dataset(root, TINY_SCANS, seed=3, workers=2)
-    return root
+    with made_once(tmp_path_factory, "data") as (folder, done):
+        if not done:
+            make_dataset(folder / "luna", TINY_SCANS, seed=3, workers=2)
+            (folder / ".done").touch()
+    return folder / "luna"
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +95,32 @@ def tiny_cfg(tiny_root, tmp_path):
 
     return RunConfig(data=str(tiny_root), cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "runs"),
                      node_timeout=60.0, **TINY)
+
+
+@pytest.fixture(scope="session")
+def finished_runs(tiny_root, tmp_path_factory) -> SimpleNamespace:
+    """Two finished runs of the tiny preset with every other setting at its default, as a user
+    makes them: ``fed`` (2 sites x 2 rounds of 1 local epoch) and ``central`` (the pooled
+    baseline, 2 epochs). Many tests read them; none may write into them (copy first).
+
+    ``.runs`` is their ``--out`` folder; ``.stdout[name]`` / ``.stderr[name]`` what each printed.
+    """
+    from tests.helpers import ONE_SLOT, tiny_args
+
+    with made_once(tmp_path_factory, "finished") as (tmp, done):
+        if not done:
+            env = {**os.environ, "LUNAFL_HOME": str(tmp / "home"), "PYTHONUNBUFFERED": "1"}
+            common = ["--data", str(tiny_root), "--cache-dir", str(tmp / "cache"), "--out", str(tmp / "runs"),
+                      *ONE_SLOT, *tiny_args("clients", "local_epochs", "image_size", "arch", "batch_size",
+                                            "workers", "seed", rounds=2)]
+            for name, extra in (("central", ["--mode", "centralized"]), ("fed", [])):
+                p = subprocess.run([sys.executable, "sim/run.py", *common, *extra, "--run-name", name],
+                                   cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+                                   timeout=900)
+                assert p.returncode == 0, p.stderr[-3000:]
+                (tmp / f"{name}.stdout").write_text(p.stdout)
+                (tmp / f"{name}.stderr").write_text(p.stderr)
+            (tmp / ".done").touch()
+    names = ("central", "fed")
+    return SimpleNamespace(runs=tmp / "runs", stdout={n: (tmp / f"{n}.stdout").read_text() for n in names},
+                           stderr={n: (tmp / f"{n}.stderr").read_text() for n in names})

@@ -54,10 +54,16 @@ def rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+# One Ray actor serves every simulated site of a tiny run: each actor costs a process that imports
+# torch (~5 CPU-seconds) while a tiny site trains in under one; a test that needs two sites to
+# train at once (one held, one on time) says so with its own --max-parallel.
+ONE_SLOT = ("--max-parallel", "1")
+
+
 def sim_cmd(tmp_path: Path, tiny_root: Path, *args: str) -> tuple[list[str], dict]:
     env = {**os.environ, "LUNAFL_HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, str(ROOT / "sim" / "run.py"), "--data", str(tiny_root),
-           "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "runs"), *tiny_args(), *args]
+           "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "runs"), *tiny_args(), *ONE_SLOT, *args]
     return cmd, env
 
 

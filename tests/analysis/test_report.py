@@ -10,34 +10,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, TINY, TINY_MODEL, tiny_args
-
-
-@pytest.fixture(scope="module")
-def finished_runs(tiny_root, tmp_path_factory):
-    import os
-
-    tmp = tmp_path_factory.mktemp("cmp")
-    env = {**os.environ, "LUNAFL_HOME": str(tmp / "home")}
-    common = ["--data", str(tiny_root), "--cache-dir", str(tmp / "cache"), "--out", str(tmp / "runs"),
-              *tiny_args("clients", "local_epochs", *TINY_MODEL, rounds=2)]
-    for name, extra in (("central", ["--mode", "centralized"]), ("fed", [])):
-        p = subprocess.run([sys.executable, "sim/run.py", *common, *extra, "--run-name", name], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=1500)  # generous: a shared CPU
-        assert p.returncode == 0, p.stderr[-3000:]
-    return tmp / "runs"
+from tests.helpers import ROOT, TINY, tiny_args
 
 
 def test_report_builds_and_its_numbers_equal_the_runs_json(finished_runs, tmp_path):
     out = tmp_path / "report"
-    p = subprocess.run([sys.executable, "sim/compare.py", "--runs", str(finished_runs / "central"),
-                        str(finished_runs / "fed"), "--labels", "central", "fed", "--out", str(out)],
+    p = subprocess.run([sys.executable, "sim/compare.py", "--runs", str(finished_runs.runs / "central"),
+                        str(finished_runs.runs / "fed"), "--labels", "central", "fed", "--out", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     md = (out / "report.md").read_text()
     page = (out / "report.html").read_text()
     for name in ("central", "fed"):
-        summary = json.loads((finished_runs / name / "summary.json").read_text())
+        summary = json.loads((finished_runs.runs / name / "summary.json").read_text())
         m = summary["test"]["metrics"]
         row = next(line for line in md.splitlines() if line.startswith(f"| {name} | ") and "[" in line)
         cells = [c.strip() for c in row.strip("|").split("|")]
@@ -50,8 +35,8 @@ def test_report_builds_and_its_numbers_equal_the_runs_json(finished_runs, tmp_pa
     assert page.count("data:image/png;base64,") >= 3  # learning curves, ROC, FROC embedded
     assert "<table>" in page and "src=\"learning_curves.png\"" not in page  # self-contained
     # the optimizer-steps evidence: a federated round moves the model by one site's local path
-    fed_cfg = json.loads((finished_runs / "fed" / "config.json").read_text())["config"]
-    trains = [e for e in map(json.loads, (finished_runs / "fed" / "events.jsonl").read_text().splitlines())
+    fed_cfg = json.loads((finished_runs.runs / "fed" / "config.json").read_text())["config"]
+    trains = [e for e in map(json.loads, (finished_runs.runs / "fed" / "events.jsonl").read_text().splitlines())
               if e["kind"] == "train"]
     per_round: dict[int, list[int]] = {}
     for e in trains:
@@ -74,7 +59,7 @@ def test_folds_run_the_baseline_once_per_test_subset(finished_runs, tiny_root, t
     import os
 
     env = {**os.environ, "LUNAFL_HOME": str(tmp_path / "home")}
-    p = subprocess.run([sys.executable, "sim/compare.py", "--runs", str(finished_runs / "central"), "--labels",
+    p = subprocess.run([sys.executable, "sim/compare.py", "--runs", str(finished_runs.runs / "central"), "--labels",
                         "central", "--folds", "0,9", "--runs-dir", str(tmp_path / "folds"), "--out",
                         str(tmp_path / "report"), "--data", str(tiny_root), "--cache-dir", str(tmp_path / "cache"),
                         *tiny_args(*TINY)],
@@ -225,8 +210,8 @@ def test_report_renders_offline_in_a_real_browser_with_every_image(finished_runs
         pytest.skip("no Chromium on this machine (Debian: apt-get install -y chromium)")
     pytest.importorskip("websocket", reason="websocket-client is a dev dependency: pip install -e '.[dev]'")
     out = tmp_path / "report"
-    p = subprocess.run([sys.executable, "sim/compare.py", "--runs", str(finished_runs / "central"),
-                        str(finished_runs / "fed"), "--labels", "central", "fed", "--out", str(out)],
+    p = subprocess.run([sys.executable, "sim/compare.py", "--runs", str(finished_runs.runs / "central"),
+                        str(finished_runs.runs / "fed"), "--labels", "central", "fed", "--out", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     page = out / "report.html"
@@ -251,18 +236,18 @@ def test_report_explanation_and_operating_point_are_computed_from_the_runs(finis
     """The catch-up table and its sentences come from rounds.jsonl; the operating-point row from summary.json."""
     from analysis.report import CLOSE, Run, build_report
 
-    central, fed = Run.load("central", finished_runs / "central"), Run.load("fed", finished_runs / "fed")
+    central, fed = Run.load("central", finished_runs.runs / "central"), Run.load("fed", finished_runs.runs / "fed")
     md = build_report([central, fed], tmp_path / "r")[0].read_text().splitlines()
-    c_auc = json.loads((finished_runs / "central" / "summary.json").read_text())["test"]["metrics"]["roc_auc"]
+    c_auc = json.loads((finished_runs.runs / "central" / "summary.json").read_text())["test"]["metrics"]["roc_auc"]
     target = c_auc - CLOSE
-    curve = [(r["data_passes"], r["test_roc_auc"]) for r in _rows(finished_runs / "fed" / "rounds.jsonl")
+    curve = [(r["data_passes"], r["test_roc_auc"]) for r in _rows(finished_runs.runs / "fed" / "rounds.jsonl")
              if "test_roc_auc" in r]
     needed = next((p for p, a in curve if a >= target), None)
     head = next(i for i, line in enumerate(md) if "passes the federated run needed" in line)
     row = next(line for line in md[head:] if line.startswith("| fed | "))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert float(cells[1]) == round(target, 3)
-    fed_summary = json.loads((finished_runs / "fed" / "summary.json").read_text())
+    fed_summary = json.loads((finished_runs.runs / "fed" / "summary.json").read_text())
     if needed is None:
         assert cells[2] == f"not within its {fed_summary['data_passes']} passes"
         assert any(line.startswith("- fed did not come within") for line in md)
@@ -278,7 +263,7 @@ def test_report_explanation_and_operating_point_are_computed_from_the_runs(finis
     else:
         assert sentence.startswith(f"- fed: {-gap:.3f} below centralized")
     for name in ("central", "fed"):
-        op = json.loads((finished_runs / name / "summary.json").read_text())["test"]["operating_point"]
+        op = json.loads((finished_runs.runs / name / "summary.json").read_text())["test"]["operating_point"]
         line = next(x for x in md if x.startswith(f"| {name} | {op['threshold']:g} ("))
         assert f"{100 * op['metrics']['recall']:.1f}%" in line.split("|")[4]
         assert f"{100 * op['metrics']['precision']:.1f}%" in line.split("|")[5]
@@ -289,20 +274,28 @@ def test_report_explanation_and_operating_point_are_computed_from_the_runs(finis
     assert "pooled validation split" in next(x for x in md if x.startswith("| central | ") and rule in x)
 
 
-def test_seeds_run_every_arm_with_every_seed_and_the_report_gives_mean_sd(tiny_root, tmp_path):
+def test_seeds_run_every_arm_with_every_seed_and_the_report_gives_mean_sd(tiny_root, finished_runs, tmp_path):
     import os
+    import shutil
 
     import numpy as np
 
     from common.evaluation.metrics import binary_metrics
 
     env = {**os.environ, "LUNAFL_HOME": str(tmp_path / "home")}
+    # seed 3's two arms are the session's finished runs (the same settings): compare.py reads a
+    # finished arm instead of running it again, and runs seed 4's
+    for arm, name in (("centralized", "central"), ("fed-iid-fedavg", "fed")):
+        shutil.copytree(finished_runs.runs / name, tmp_path / "runs" / f"{arm}-seed3")
     p = subprocess.run([sys.executable, "sim/compare.py", "--seeds", "3,4", "--arms", "centralized,fed-iid-fedavg",
                         "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "report"), "--data",
                         str(tiny_root), "--cache-dir", str(tmp_path / "cache"),
-                        *tiny_args("image_size", "arch", "batch_size", "workers", "clients", "rounds", "local_epochs")],
+                        *tiny_args("image_size", "arch", "batch_size", "workers", "clients", "local_epochs", rounds=2)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert p.returncode == 0, p.stderr[-3000:]
+    for arm in ("centralized", "fed-iid-fedavg"):
+        assert f"{arm}-seed3: finished earlier, reading it" in p.stdout
+        assert f"{arm}-seed4: finished earlier" not in p.stdout
     runs = {}
     for arm in ("centralized", "fed-iid-fedavg"):
         for seed in (3, 4):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -132,13 +133,16 @@ def test_final_batchnorm_statistics_are_the_sites_re_estimates(tmp_path, tiny_ro
     assert any(not torch.allclose(final[k], last[k]) for k in final if k.endswith("running_var"))
 
 
-def test_resume_with_a_different_config_is_a_clear_error(tmp_path, tiny_root):
-    sim(tmp_path, tiny_root, "--clients", "2", "--rounds", "1", "--local-epochs", "1", "--run-name", "x")
+def test_resume_with_a_different_config_is_a_clear_error(tmp_path, finished_runs):
+    run = tmp_path / "x"
+    shutil.copytree(finished_runs.runs / "fed", run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     env = {**os.environ, "LUNAFL_HOME": str(tmp_path / "home")}
-    proc = subprocess.run([sys.executable, str(ROOT / "sim" / "run.py"), "--resume", str(tmp_path / "runs" / "x"),
+    proc = subprocess.run([sys.executable, str(ROOT / "sim" / "run.py"), "--resume", str(run),
                            "--lr", "0.5"], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2
     assert "cannot resume with a different configuration" in proc.stderr and "--lr" in proc.stderr
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # the folder is left as it was
 
 
 def test_ray_address_attaches_to_a_running_ray_cluster(tmp_path, tiny_root):
@@ -171,10 +175,10 @@ def test_ray_address_attaches_to_a_running_ray_cluster(tmp_path, tiny_root):
             os.killpg(head.pid, 9)
 
 
-def test_fused_site_evaluation_gives_flowers_figures_with_one_model_download_less(tmp_path, tiny_root):
-    common = ("--clients", "2", "--rounds", "2", "--local-epochs", "1")
-    sim(tmp_path, tiny_root, *common, "--site-eval", "separate", "--run-name", "sep")
-    sim(tmp_path, tiny_root, *common, "--run-name", "fused")  # the default
+def test_fused_site_evaluation_gives_flowers_figures_with_one_model_download_less(tmp_path, tiny_root, finished_runs):
+    sim(tmp_path, tiny_root, "--clients", "2", "--rounds", "2", "--local-epochs", "1", "--site-eval", "separate",
+        "--run-name", "sep")
+    (tmp_path / "runs" / "fused").symlink_to(finished_runs.runs / "fed")  # the same settings, fused by default
     ev = {n: {(e["round"], e["site"]): e for e in rows(tmp_path / "runs" / n / "events.jsonl")
               if e["kind"] == "evaluate"} for n in ("sep", "fused")}
     assert ev["sep"].keys() == ev["fused"].keys() == {(r, s) for r in (1, 2) for s in ("site-0", "site-1")}

@@ -96,7 +96,7 @@ def test_guard_keeps_each_sites_counts_and_the_server_sums_them():
     assert operating_point({}, "youden", 1) == {}
 
 
-def test_federated_operating_point_equals_the_one_from_pooled_validation_predictions(tmp_path, tiny_root):
+def test_federated_operating_point_equals_the_one_from_pooled_validation_predictions(finished_runs):
     """End to end through Flower: the threshold the federation picked from the sites' counts
     is the one the pooled validation predictions of the final model give."""
     import torch
@@ -107,10 +107,9 @@ def test_federated_operating_point_equals_the_one_from_pooled_validation_predict
     from common.data.partition import SitePlan
     from common.training import model as model_lib
     from common.training.engine import evaluate
-    from tests.helpers import rows, sim
+    from tests.helpers import rows
 
-    proc = sim(tmp_path, tiny_root, "--clients", "2", "--rounds", "2", "--local-epochs", "1", "--run-name", "op")
-    run = tmp_path / "runs" / "op"
+    run, stdout = finished_runs.runs / "fed", finished_runs.stdout["fed"]  # 2 sites x 2 rounds, every default
     summary = json.loads((run / "summary.json").read_text())
     op = summary["test"]["operating_point"]
     last = rows(run / "rounds.jsonl")[-1]
@@ -119,7 +118,7 @@ def test_federated_operating_point_equals_the_one_from_pooled_validation_predict
     assert summary["bn_statistics"] == "re-estimated at the sites"
     assert last["op_model_round"] == 2 and op["model"].startswith("final")
     assert {"test_op_accuracy", "test_op_recall", "test_op_precision"} <= set(last)
-    assert "recall" in proc.stdout and "at threshold" in proc.stdout  # the run's final line
+    assert "recall" in stdout and "at threshold" in stdout  # the run's final line
     # pooled predictions of the final model on every site's validation patches
     cfg = RunConfig.from_dict(json.loads((run / "config.json").read_text())["config"])
     cache = open_cache(json.loads((run / "config.json").read_text())["cache"])
