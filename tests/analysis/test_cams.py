@@ -215,7 +215,6 @@ def tiny_run(tiny_root, tmp_path_factory):
     return run.path
 
 
-@pytest.mark.xdist_group("cams-tiny-run")  # one worker builds the module's tiny run
 def test_explain_run_writes_the_grid_and_scores(tiny_run):
     rep = explain.explain_run(tiny_run, top_k=2, threshold=0.0, progress=False)
     assert rep.png == tiny_run / "cam_grid.png" and rep.png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -237,7 +236,6 @@ def test_explain_run_writes_the_grid_and_scores(tiny_run):
     assert pngs == [rep.png] and scores["pointing_game"] == pg and scores["settings"]["method"] == "gradcam"
 
 
-@pytest.mark.xdist_group("cams-tiny-run")  # one worker builds the module's tiny run
 def test_explain_cli_and_its_errors(tiny_run, tmp_path, capsys):
     from sim.explain import main
 

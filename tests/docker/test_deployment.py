@@ -31,8 +31,6 @@ import yaml
 from tests.helpers import ROOT, docker_script, tiny_run_config
 
 DOCKER = ROOT / "docker"
-# one loopback federation (module fixtures) serves the module: its tests stay on one xdist worker
-pytestmark = pytest.mark.xdist_group("deployment")
 
 
 ep = docker_script("entrypoint")
