@@ -54,3 +54,14 @@ def test_a_hospital_checks_its_own_folder_which_has_no_test_split(tmp_path):
     train = int(p.stdout.split("training: ")[1].split(" scans")[0])
     val = int(p.stdout.split("validation: ")[1].split(" scans")[0])
     assert (train, val) == (6, 2)  # eight patients, --val-fraction 0.2, split by patient
+
+
+def test_a_run_without_ray_address_starts_its_own_ray_instead_of_joining_one_left_running():
+    """Plain ray.init() joins the cluster that the last `ray start` on this machine left running;
+    sim/run.py asks for a new local instance unless --ray-address names one."""
+    from common.config import RunConfig
+    from sim.run import backend_config
+
+    own, slots = backend_config(RunConfig(clients=3, max_parallel=1), verbose=False)
+    assert own["init_args"]["address"] == "local" and own["init_args"]["num_cpus"] == 1 and slots == 1
+    assert own["client_resources"] == {"num_cpus": 1, "num_gpus": 0}
