@@ -9,8 +9,6 @@ makes it under a file lock in the folder the workers share, the others wait and 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -79,12 +77,6 @@ def tiny_root(tmp_path_factory) -> Path:
     return folder / "luna"
 
 
-@pytest.fixture(scope="session")
-def tiny_home(tmp_path_factory) -> Path:
-    home = tmp_path_factory.mktemp("home")
-    return home
-
-
 @pytest.fixture
 def tiny_cfg(tiny_root, tmp_path):
     """The tiny preset (tests/helpers.py) as a RunConfig on the tiny data."""
@@ -103,19 +95,13 @@ def finished_runs(tiny_root, tmp_path_factory) -> SimpleNamespace:
 
     ``.runs`` is their ``--out`` folder; ``.stdout[name]`` / ``.stderr[name]`` what each printed.
     """
-    from tests.helpers import ONE_SLOT, tiny_args
+    from tests.helpers import sim
 
     with made_once(tmp_path_factory, "finished") as (tmp, done):
         if not done:
-            env = {**os.environ, "LUNAFL_HOME": str(tmp / "home"), "PYTHONUNBUFFERED": "1"}
-            common = ["--data", str(tiny_root), "--cache-dir", str(tmp / "cache"), "--out", str(tmp / "runs"),
-                      *ONE_SLOT, *tiny_args("clients", "local_epochs", "image_size", "arch", "batch_size",
-                                            "workers", "seed", rounds=2)]
             for name, extra in (("central", ["--mode", "centralized"]), ("fed", [])):
-                p = subprocess.run([sys.executable, "sim/run.py", *common, *extra, "--run-name", name],
-                                   cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
-                                   timeout=900)
-                assert p.returncode == 0, p.stderr[-3000:]
+                p = sim(tmp, tiny_root, "--clients", "2", "--local-epochs", "1", "--rounds", "2", *extra,
+                        "--run-name", name, timeout=900)
                 (tmp / f"{name}.stdout").write_text(p.stdout)
                 (tmp / f"{name}.stderr").write_text(p.stderr)
             (tmp / ".done").touch()
