@@ -489,24 +489,34 @@ def cross_validation(folds: list[Run] | None) -> list[str]:
     return md
 
 
+HEADLINE_COLUMNS = (("shifted_true_positives", "shifted 0.8 R, called +"), ("random_true_positives",
+                                                                              "random position, called +"),
+                    ("random", "random position, all"), ("two_nodules_any", "two nodules: peak in one"),
+                    ("two_nodules_each", "two nodules: a maximum in each"))
+
+
 def cam_scores(cam_docs: dict[str, tuple[list[Path], dict]]) -> list[str]:
-    """The pointing game with its controls, per run."""
+    """The pointing game with its controls, per run: first the scores where the nodule is away
+    from the patch centre (each as model / best control), then the centred ones."""
     md: list[str] = []
     if cam_docs:
         md += ["", "## Where the model looks (Class Activation Maps)", "",
-               "Pointing game: the share of test patches whose heatmap peak falls inside the annotated nodule "
-               "(axial plane), with the controls that make it meaningful: the patch centre as the peak, the same "
-               "heatmap from an untrained model, and the brightest spot of the patch. 'Off-centre' moves each "
-               "nodule 0.8 radii away from the patch centre, so pointing at the centre no longer scores.", "",
-               "| run | method / layer | true positives | all positives | off-centre | untrained model (all "
-               "positives) | patch centre (off-centre) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+               "Pointing game: the share of test patches whose heatmap peak falls inside the annotated nodule, "
+               "each beside the best of its controls (the patch centre as the peak, the same heatmap from an "
+               "untrained model, the brightest spot of the patch). Candidates sit on their nodules, so the "
+               "scores that mean something move the nodule away from the centre: 0.8 radii off (shifted), to a "
+               "random position in the patch, or two nodules in one patch; 'called +' counts the patches the "
+               "model still calls a nodule (analysis/cams/probes.py).", "",
+               "| run | method / layer | " + " | ".join(t for _, t in HEADLINE_COLUMNS)
+               + " | centred true positives (centre control) |",
+               "| --- | --- | " + " | ".join("---" for _ in HEADLINE_COLUMNS) + " | --- |"]
         for label, (_, sc) in cam_docs.items():
             pg = sc.get("pointing_game", {})
-            tp, pos, sh = pg.get("true_positives", {}), pg.get("positives", {}), pg.get("shifted", {})
-            md.append(f"| {label} | {pg.get('method')} {pg.get('layer')} | {fmt(tp.get('axial'))} (n={tp.get('n')}) "
-                      f"| {fmt(pos.get('axial'))} (n={pos.get('n')}) | {fmt(sh.get('axial'))} | "
-                      f"{fmt(pos.get('random_init', {}).get('axial'))} | "
-                      f"{fmt(sh.get('centre_baseline', {}).get('axial'))} |")
+            head, tp = pg.get("headline", {}), pg.get("true_positives", {})
+            cells = [f"{fmt(head[k]['rate'])} / {fmt(head[k]['best_control'])} (n={head[k]['n']})" if k in head
+                     else "n/a" for k, _ in HEADLINE_COLUMNS]
+            md.append(f"| {label} | {pg.get('method')} {pg.get('layer')} | " + " | ".join(cells)
+                      + f" | {fmt(tp.get('axial'))} ({fmt(tp.get('centre_baseline', {}).get('axial'))}) |")
     return md
 
 

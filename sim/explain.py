@@ -8,9 +8,11 @@ Writes RUN_DIR/cam_grid.png (the most confident true positives, false positives 
 negatives of the test split: heatmap over the axial, coronal and sagittal planes, its peak,
 the annotated nodule's outline) and RUN_DIR/cam.json (the cases shown and the scores).
 The score is the pointing game: the share of positives whose heatmap peak lies within the
-annotated nodule's radius (definitions in analysis/cams.py), beside two controls: the
+annotated nodule's radius (definitions in analysis/cams/), beside three controls: the
 patch centre as the peak, the same heatmap of a randomly initialised model, and the
-patch's densest spot.
+patch's densest spot. Candidates sit on their nodules, so the centred score proves little;
+the headline is where the nodule is away from the centre: shifted 0.8 radii, at a random
+position in the patch, and two nodules in one patch (analysis/cams/probes.py).
 Research software on synthetic or public data: never for diagnosis.
 """
 
@@ -23,6 +25,12 @@ import sys
 from analysis.cams import METHODS, RESNET_STRIDES, UPSAMPLING, explain_run, format_table
 
 log = logging.getLogger("luna_fl")
+HEADLINE_NAMES = {"shifted_true_positives": "shifted 0.8 R, called positive",
+                  "shifted": "shifted 0.8 R, all positives",
+                  "random_true_positives": "random position, called positive",
+                  "random": "random position, all positives",
+                  "two_nodules_any": "two nodules: peak in one of them",
+                  "two_nodules_each": "two nodules: a local maximum in each"}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -39,6 +47,8 @@ def parser() -> argparse.ArgumentParser:
                         "cell off (default: aligned)")
     p.add_argument("--top-k", type=int, default=4, help="cases per category in the grid (default: 4)")
     p.add_argument("--threshold", type=float, default=0.5, help="probability of a positive call (default: 0.5)")
+    p.add_argument("--no-probes", dest="probes", action="store_false",
+                   help="skip the random-position and two-nodule probes")
     p.add_argument("--shift", type=float, default=0.8,
                    help="off-centre score: nodule moved this fraction of its radius along the planes' shared "
                         "diagonal; 0 = skip (default: 0.8)")
@@ -68,11 +78,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rep = explain_run(args.run_dir, method=args.method, layer=args.layer, upsample_mode=args.upsample,
                           top_k=args.top_k, threshold=args.threshold, shift=args.shift, seed=args.seed,
-                          device=args.device, compare=args.compare)
+                          device=args.device, compare=args.compare,
+                          probes=args.probes)
     except ValueError as exc:
         print(f"sim/explain.py: error: {exc}", file=sys.stderr)
         return 2
     scores = rep.scores["scores"]
+    pg = scores["pointing_game"]
+    if pg.get("headline"):
+        print(f"\nlocalisation, {pg['method']} at {pg['layer']}: the nodule away from the patch centre "
+              f"(hit = peak within the nodule; best control = the best of centre, random-init, brightest):")
+        for name, h in pg["headline"].items():
+            print(f"  {HEADLINE_NAMES.get(name, name):<42} n={h['n']:<4d} {h['rate']:.2f} "
+                  f"[{h['ci95'][0]:.2f}, {h['ci95'][1]:.2f}]   best control {h['best_control']:.2f}   "
+                  f"margin {h['margin']:+.2f}")
     for key in ("pointing_game", "pointing_game_cam"):
         if key in scores:
             pg = scores[key]

@@ -14,6 +14,7 @@ import numpy as np
 from analysis.cams.geometry import nearest_nodule, plane_hits, project
 from analysis.cams.maps import METHODS, RESNET_STRIDES, UPSAMPLING, peaks, resolve_layer
 from analysis.cams.pointing import compare_settings, pointing_game, pointing_set
+from analysis.cams.probes import ProbeSet
 from analysis.cams.runs import LoadedRun, load_run, maps_for, test_probabilities
 from common.atomic import atomic_write_json
 from common.data.luna16 import Nodule
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 GRID_PNG = "cam_grid.png"
 CAM_JSON = "cam.json"
 CATEGORIES = (("tp", "true positives"), ("fp", "false positives"), ("fn", "false negatives"))
+PROBE_COLUMNS = (("random", "random position (probe)"), ("pairs", "two nodules (probe)"))
 
 
 @dataclass
@@ -91,7 +93,8 @@ def draw_grid(path: Path, spec: PatchSpec, columns: dict[str, list[dict[str, Any
                 ax.set_xticks([])
                 ax.set_yticks([])
                 if r == 0:
-                    ax.set_title(f"{dict(CATEGORIES).get(cat, cat)}\n{plane}" if k == 1 else plane, fontsize=8)
+                    head = dict(CATEGORIES + PROBE_COLUMNS).get(cat, cat)
+                    ax.set_title(f"{head}\n{plane}" if k == 1 else plane, fontsize=8)
                 if r >= len(cases):
                     ax.axis("off")
                     if k == 1 and r == 0:
@@ -155,6 +158,36 @@ class CamReport:
     scores: dict[str, Any]
 
 
+HEADLINE_SHORT = {"shifted_true_positives": "shifted (called +)", "random_true_positives": "random position (called +)",
+                  "two_nodules_any": "two nodules"}
+
+
+def probe_columns(run: LoadedRun, probes: ProbeSet, method: str, layer: str, upsample_mode: str, top_k: int
+                  ) -> dict[str, list[dict[str, Any]]]:
+    """Grid columns of the first ``top_k`` random-position and two-nodule probes: the model's
+    heatmap, its peak, and the nodules' outlines (every plane cuts them through the centre)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for key, patches, rc, radius, prob in (
+            ("random", probes.random, probes.random_rc[:, None], probes.random_radius[:, None], probes.random_prob),
+            ("pairs", probes.pairs, probes.pairs_rc, probes.pairs_radius, probes.pairs_prob)):
+        k = min(top_k, len(patches))
+        if not k:
+            out[key] = []
+            continue
+        maps = maps_for(run.model, patches[:k], device=run.device, method=method, layer=layer,
+                        upsample_mode=upsample_mode)
+        pk, has = peaks(maps)
+        cases = []
+        for j in range(k):
+            hit = has[j] and bool((np.hypot(*(pk[j] - rc[j]).T) <= radius[j]).any())
+            rings = [(float(r[0]), float(r[1]), float(rad), True) for r, rad in zip(rc[j], radius[j], strict=True)]
+            p = "" if prob is None else f"p={prob[j]:.2f} "
+            cases.append({"patch": patches[j], "map": maps[j], "peak": pk[j], "label": f"{p}{'hit' if hit else 'miss'}",
+                          "outlines": [rings] * 3})
+        out[key] = cases
+    return out
+
+
 def _nodule_groups(run: LoadedRun) -> np.ndarray:
     """Per test patch, the nodule it lies in (uid and nodule index) or its own index."""
     out = np.empty(len(run.positions), dtype=object)
@@ -168,7 +201,8 @@ def _nodule_groups(run: LoadedRun) -> np.ndarray:
 
 def explain_run(run_dir: str | Path, *, method: str = "gradcam", layer: str = "auto",
                 upsample_mode: str = "aligned", top_k: int = 4, threshold: float = 0.5, shift: float = 0.8,
-                seed: int = 0, device: str = "cpu", compare: bool = False, progress: bool = True) -> CamReport:
+                seed: int = 0, device: str = "cpu", compare: bool = False, progress: bool = True,
+                probes: bool = True) -> CamReport:
     """Heatmap grid and localisation scores of a finished run, written into its folder.
 
     Writes ``RUN_DIR/cam_grid.png`` (the ``top_k`` most confident true positives, false
@@ -229,7 +263,8 @@ def explain_run(run_dir: str | Path, *, method: str = "gradcam", layer: str = "a
                       "nodule": None if nod is None else {"xyz": list(nod.xyz), "diameter_mm": nod.diameter_mm,
                                                           "distance_mm": dist},
                       "hits_axial_coronal_sagittal": None if hits is None else hits.tolist()})
-    ps = pointing_set(run, threshold=threshold, shift=shift, seed=seed, progress=progress, probs=(prob, labels))
+    ps = pointing_set(run, threshold=threshold, shift=shift, seed=seed, progress=progress, probs=(prob, labels),
+                      probes=probes)
     log.info("pointing game over %d positives (%d true positives)%s", len(ps.nodules), int(ps.tp.sum()),
              f", also shifted {shift:g} R off-centre" if shift else "")
     scores: dict[str, Any] = {"pointing_game": pointing_game(run, method=method, layer=layer,
@@ -241,12 +276,16 @@ def explain_run(run_dir: str | Path, *, method: str = "gradcam", layer: str = "a
     if compare:
         scores["compare"] = compare_settings(run, threshold=threshold, seed=seed, pset=ps, progress=progress)
     pg = scores["pointing_game"]
-    shifted = f", {shift:g} R off-centre {pg['shifted']['axial']:.2f}" if "shifted" in pg else ""
+    head = pg.get("headline", {})
+    found = "; ".join(f"{HEADLINE_SHORT[k]} {head[k]['rate']:.2f} (best control {head[k]['best_control']:.2f})"
+                      for k in HEADLINE_SHORT if k in head)
     title = (f"{run.path.name}: {method} at {layer} ({upsample_mode} upsampling), {run.cfg.arch} norm={run.cfg.norm}."
-             f" Pointing game (axial): true positives {pg['true_positives']['axial']:.2f} "
-             f"(n={pg['true_positives']['n']}), all positives {pg['positives']['axial']:.2f}{shifted}.\n"
+             f" Pointing game, nodule off the centre: {found or 'not scored'}; centred true positives "
+             f"{pg['true_positives']['axial']:.2f}.\n"
              "One heatmap over the three planes; +: its peak; green: annotated nodules the plane cuts "
              "(dashed: the candidate's nodule, off this plane). Research software, not for diagnosis.")
+    if ps.probes is not None:
+        columns.update(probe_columns(run, ps.probes, method, layer, upsample_mode, top_k))
     png = run.path / GRID_PNG
     draw_grid(png, run.spec, columns, title)
     doc = {"settings": {"method": method, "layer": layer, "upsample": upsample_mode, "top_k": top_k,

@@ -15,6 +15,7 @@ from torch import nn
 
 from analysis.cams.geometry import nearest_nodule, plane_hits
 from analysis.cams.maps import RESNET_STRIDES, UPSAMPLING, peaks, resolve_layer
+from analysis.cams.probes import ProbeSet, build_probes, margin_px, score_probes, wide_spec
 from analysis.cams.runs import LoadedRun, load_run, maps_for, test_probabilities
 from common.data.loaders import to_float
 from common.data.luna16 import Nodule, load_luna16, read_scan
@@ -73,9 +74,11 @@ class PointingSet:
     centres: np.ndarray  # (N, 3) world mm
     unmatched: int  # positives inside no annotated nodule (left out)
     shift: float  # fraction of the radius; 0 = no shifted set
+    threshold: float = 0.5  # probability of a positive call (true positives, probes called positive)
     shifted: np.ndarray | None = None
     shifted_centres: np.ndarray | None = None
     shifted_prob: np.ndarray | None = None
+    probes: ProbeSet | None = None  # random positions and two-nodule patches (analysis.cams.probes)
 
 
 def shifted_centres(nodules: Sequence[Nodule], shift: float, seed: int = 0) -> np.ndarray:
@@ -96,25 +99,38 @@ def shifted_centres(nodules: Sequence[Nodule], shift: float, seed: int = 0) -> n
     return n - (shift * r * sign)[:, None] * np.array([1.0, 1.0, -1.0])
 
 
-def cut_patches(run: LoadedRun, uids: np.ndarray, centres: np.ndarray, progress: bool = False) -> np.ndarray:
+def cut_patches(run: LoadedRun, uids: np.ndarray, centres: np.ndarray, progress: bool = False,
+                spec: PatchSpec | None = None) -> np.ndarray:
     """Patches (N, 3, S, S) uint8 cut from the run's CT scans around world centres (the
-    preprocessing of the cache: :func:`common.data.patches.extract`)."""
+    preprocessing of the cache: :func:`common.data.patches.extract`; ``spec`` = another size
+    and field, default the run's)."""
+    return cut_many(run, uids, [(centres, spec or run.spec)], progress)[0]
+
+
+def cut_many(run: LoadedRun, uids: np.ndarray, jobs: Sequence[tuple[np.ndarray, PatchSpec]],
+             progress: bool = False) -> list[np.ndarray]:
+    """Several sets of patches around the same scans' points (each scan read once): one array
+    (N, 3, size, size) uint8 per ``(centres, spec)`` job, row i from scan ``uids[i]``."""
     from tqdm import tqdm
 
-    out = np.empty((len(centres), 3, run.spec.size, run.spec.size), dtype=np.uint8)
+    outs = [np.empty((len(c), 3, sp.size, sp.size), dtype=np.uint8) for c, sp in jobs]
     luna = load_luna16(run.data_root)
-    for uid in tqdm(sorted(set(uids.tolist())), desc="cutting off-centre patches", unit="scan",
+    for uid in tqdm(sorted(set(uids.tolist())), desc="cutting probe patches", unit="scan",
                     disable=not progress, leave=False, dynamic_ncols=True):
         if uid not in luna.scans:
             raise ValueError(f"data_root {run.data_root}: scan {uid} of the test split is not there")
         sel = np.flatnonzero(uids == uid)
-        out[sel] = extract(read_scan(luna.scans[uid].path, uid), centres[sel], run.spec)
-    return out
+        scan = read_scan(luna.scans[uid].path, uid)
+        for out, (centres, sp) in zip(outs, jobs, strict=True):
+            out[sel] = extract(scan, centres[sel], sp)
+    return outs
 
 
 def pointing_set(run: LoadedRun, *, threshold: float = 0.5, shift: float = 0.8, seed: int = 0,
-                 progress: bool = False, probs: tuple[np.ndarray, np.ndarray] | None = None) -> PointingSet:
-    """Match the test positives to their annotated nodules and cut their off-centre patches."""
+                 progress: bool = False, probs: tuple[np.ndarray, np.ndarray] | None = None,
+                 probes: bool = True) -> PointingSet:
+    """Match the test positives to their annotated nodules and cut their off-centre patches
+    (``shift`` > 0) and the random-position and two-nodule probes (``probes``)."""
     prob, labels = probs if probs is not None else test_probabilities(run)
     idx, nods = [], []
     unmatched = 0
@@ -131,13 +147,33 @@ def pointing_set(run: LoadedRun, *, threshold: float = 0.5, shift: float = 0.8, 
                     unmatched)
     rows = run.positions[np.array(idx, dtype=np.int64)]
     ps = PointingSet(run.spec, nods, prob[idx], prob[idx] >= threshold, run.cache.get(rows), run.cache.xyz[rows],
-                     unmatched, shift)
-    if shift > 0 and len(rows):
+                     unmatched, shift, threshold)
+    if not len(rows) or (shift <= 0 and not probes):
+        return ps
+    uids = run.cache.seriesuid[rows]
+    jobs: list[tuple[np.ndarray, PatchSpec]] = []
+    if shift > 0:
         ps.shifted_centres = shifted_centres(nods, shift, seed)
-        ps.shifted = cut_patches(run, run.cache.seriesuid[rows], ps.shifted_centres, progress)
-        logits, _ = predict(run.model, _array_loader(ps.shifted), run.device)
-        ps.shifted_prob = sigmoid(logits)
+        jobs.append((ps.shifted_centres, run.spec))
+    if probes:
+        wide = wide_spec(run.spec, margin_px(run.spec))
+        jobs.append((np.array([n.xyz for n in nods], dtype=np.float64).reshape(-1, 3), wide))
+    cut = cut_many(run, uids, jobs, progress)
+    if shift > 0:
+        ps.shifted = cut.pop(0)
+        ps.shifted_prob = _probabilities(run.model, ps.shifted, run.device)
+    if probes:
+        ps.probes = build_probes(run.spec, cut.pop(0), np.array([n.diameter_mm / 2 for n in nods]), seed)
+        ps.probes.random_prob = _probabilities(run.model, ps.probes.random, run.device)
+        ps.probes.pairs_prob = _probabilities(run.model, ps.probes.pairs, run.device)
     return ps
+
+
+def _probabilities(model: nn.Module, patches: np.ndarray, device: torch.device) -> np.ndarray:
+    if not len(patches):
+        return np.zeros(0, np.float32)
+    logits, _ = predict(model, _array_loader(patches), device)
+    return sigmoid(logits)
 
 
 def _array_loader(patches: np.ndarray, batch: int = 64):
@@ -174,25 +210,74 @@ def score_set(run: LoadedRun, ps: PointingSet, *, method: str, layer: str, upsam
                                                                  if t]),
         "positives": (ps.patches, ps.centres, ps.nodules)}
     if ps.shifted is not None and ps.shifted_centres is not None:
+        assert ps.shifted_prob is not None
+        called = ps.shifted_prob >= ps.threshold
+        parts["shifted_true_positives"] = (ps.shifted[called], ps.shifted_centres[called],
+                                           [n for n, t in zip(ps.nodules, called, strict=True) if t])
         parts["shifted"] = (ps.shifted, ps.shifted_centres, ps.nodules)
     out: dict[str, Any] = {"method": method, "layer": layer, "upsample": upsample_mode,
                            "unmatched_positives": ps.unmatched}
     models = {"model": run.model, **({"random_init": random_model} if random_model is not None else {})}
+
+    def maps_of(who: str, patches: np.ndarray) -> np.ndarray | None:
+        if who not in models:
+            return None
+        if not len(patches):
+            return np.zeros((0, ps.spec.size, ps.spec.size), np.float32)
+        return maps_for(models[who], patches, device=run.device, method=method, layer=layer,
+                        upsample_mode=upsample_mode)
+
     for part, (patches, centres, nodules) in parts.items():
-        for who, model in models.items():
-            maps = maps_for(model, patches, device=run.device, method=method, layer=layer,
-                            upsample_mode=upsample_mode)
+        for who in models:
+            maps = maps_of(who, patches)
+            assert maps is not None
             s = _public(score_maps(ps.spec, maps, centres, nodules))
             if who == "model":
                 out[part] = s
             else:
                 out[part]["random_init"] = {"axial": s["axial"], "all_planes": s["all_planes"]}
-        bright = score_maps(ps.spec, intensity_maps(patches), centres, nodules)
+        bright = score_maps(ps.spec, intensity_maps(patches), centres, nodules) if len(patches) else \
+            {"axial": math.nan, "all_planes": math.nan}
         out[part]["intensity_baseline"] = {"axial": bright["axial"], "all_planes": bright["all_planes"]}
-    if "shifted" in out:
-        assert ps.shifted_prob is not None
-        out["shifted"].update(shift=ps.shift, mean_prob=float(ps.shifted_prob.mean()),
-                              mean_prob_centred=float(ps.prob.mean()))
+    for part in ("shifted", "shifted_true_positives"):
+        if part in out:
+            assert ps.shifted_prob is not None
+            called = ps.shifted_prob >= ps.threshold if part != "shifted" else np.ones(len(ps.shifted_prob), bool)
+            out[part].update(shift=ps.shift, mean_prob=float(ps.shifted_prob[called].mean()) if called.any()
+                             else math.nan, mean_prob_centred=float(ps.prob.mean()))
+    if ps.probes is not None:
+        out["probes"] = score_probes(ps.probes, maps_of, ps.threshold)
+    out["headline"] = headline(out)
+    return out
+
+
+def _best_control(s: dict[str, Any]) -> float:
+    rates = [s[k]["axial"] for k in ("centre_baseline", "random_init", "intensity_baseline")
+             if k in s and not math.isnan(s[k]["axial"])]
+    return max(rates) if rates else math.nan
+
+
+def headline(scores: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The scores that need real localisation, each beside its best control: the shifted game
+    (true positives, all positives), random positions (true positives, all) and two nodules
+    (the peak in either; each nodule a local maximum). Per entry: ``n``, ``rate``, ``ci95``,
+    ``best_control`` and ``margin`` (rate minus best control)."""
+    out: dict[str, dict[str, Any]] = {}
+    for part in ("shifted_true_positives", "shifted"):
+        if part in scores:
+            s = scores[part]
+            out[part] = {"n": s["n"], "rate": s["axial"], "ci95": s["axial_ci95"], "best_control": _best_control(s)}
+    probes = scores.get("probes", {})
+    for part, key in (("random_true_positives", "hit"), ("random", "hit"), ("two_nodules", "any"),
+                      ("two_nodules", "each")):
+        if part in probes and key in probes[part]:
+            s = probes[part]
+            ctrl = [c[key] for c in s["controls"].values() if key in c and not math.isnan(c[key])]
+            name = part if key == "hit" else f"{part}_{key}"
+            out[name] = {"n": s[key]["n"], "rate": s[key]["rate"], "ci95": s[key]["ci95"],
+                         "best_control": max(ctrl) if ctrl else math.nan}
+    for v in out.values():
+        v["margin"] = v["rate"] - v["best_control"]
     return out
 
 
@@ -242,8 +327,10 @@ def compare_settings(run: LoadedRun | str | Path, *, threshold: float = 0.5, shi
     """Pointing game of Grad-CAM at every ResNet stage and of CAM, each with both upsamplings
     (the measurements the default rests on). One flat row per setting: method, layer,
     upsample, cells (the map's side at the run's patch size) and, for ``tp`` (true
-    positives), ``pos`` (positives) and ``shifted``: ``n``, ``axial``, ``all_planes``,
-    ``centre``, ``random`` and ``bright`` (axial hit rates of the three controls)."""
+    positives), ``pos`` (positives), ``shifted_tp`` and ``shifted``: ``n``, ``axial``,
+    ``all_planes``, ``centre``, ``random`` and ``bright`` (axial hit rates of the three
+    controls); for the probes ``random_tp``, ``random_pos``, ``pair_any`` and ``pair_each``:
+    ``n``, the rate and ``best_control``."""
     from tqdm import tqdm
 
     run = run if isinstance(run, LoadedRun) else load_run(run)
@@ -258,13 +345,19 @@ def compare_settings(run: LoadedRun | str | Path, *, threshold: float = 0.5, shi
         s = score_set(run, ps, method=method, layer=layer, upsample_mode=mode, random_model=rand)
         row: dict[str, Any] = {"method": method, "layer": layer, "upsample": mode,
                                "cells": math.ceil(run.spec.size / RESNET_STRIDES[layer])}
-        for part, short in (("true_positives", "tp"), ("positives", "pos"), ("shifted", "shifted")):
+        for part, short in (("true_positives", "tp"), ("positives", "pos"), ("shifted_true_positives", "shifted_tp"),
+                            ("shifted", "shifted")):
             if part in s:
                 row.update({f"{short}_n": s[part]["n"], f"{short}_axial": s[part]["axial"],
                             f"{short}_all_planes": s[part]["all_planes"],
                             f"{short}_centre": s[part]["centre_baseline"]["axial"],
                             f"{short}_random": s[part]["random_init"]["axial"],
                             f"{short}_bright": s[part]["intensity_baseline"]["axial"]})
+        for name, short in (("random_true_positives", "random_tp"), ("random", "random_pos"),
+                            ("two_nodules_any", "pair_any"), ("two_nodules_each", "pair_each")):
+            if name in s["headline"]:
+                h = s["headline"][name]
+                row.update({f"{short}_n": h["n"], short: h["rate"], f"{short}_best_control": h["best_control"]})
         rows.append(row)
     return rows
 

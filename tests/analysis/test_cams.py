@@ -232,6 +232,18 @@ def test_explain_run_writes_the_grid_and_scores(tiny_run):
     assert pg["positives"]["centre_baseline"]["axial"] > 0.8  # candidates sit on their nodules
     assert pg["shifted"]["centre_baseline"]["axial"] == 0.0  # ... and 1.13 R away after the shift
     assert doc["scores"]["pointing_game_cam"]["layer"] == "layer4"
+    # the probes: every matched positive at a random position, and paired with another where both fit
+    pr = pg["probes"]
+    assert pr["random"]["n"] == n_pos and pr["random_true_positives"]["n"] == n_pos  # threshold 0
+    assert pr["two_nodules"]["n"] + pr["pairs_skipped"] == n_pos
+    assert pr["random"]["best_control"] == max(pr["random"]["controls"][k]["hit"]
+                                               for k in ("centre", "random_init", "brightest"))
+    head = pg["headline"]
+    assert set(head) == {"shifted_true_positives", "shifted", "random_true_positives", "random", "two_nodules_any",
+                         "two_nodules_each"}
+    assert head["random"]["rate"] == pr["random"]["hit"]["rate"] and head["shifted"]["rate"] == pg["shifted"]["axial"]
+    for h in head.values():
+        assert h["margin"] == pytest.approx(h["rate"] - h["best_control"])
     pngs, scores = explain.cam_figures(tiny_run)
     assert pngs == [rep.png] and scores["pointing_game"] == pg and scores["settings"]["method"] == "gradcam"
 
@@ -242,7 +254,12 @@ def test_explain_cli_and_its_errors(tiny_run, tmp_path, capsys):
     assert main([str(tiny_run), "--method", "cam", "--top-k", "1", "--shift", "0"]) == 0
     out = capsys.readouterr().out
     assert "pointing game, cam at layer4" in out and "cam_grid.png" in out and "never for diagnosis" in out
-    assert "shifted" not in json.loads((tiny_run / "cam.json").read_text())["scores"]["pointing_game"]
+    pg = json.loads((tiny_run / "cam.json").read_text())["scores"]["pointing_game"]
+    assert "shifted" not in pg and "random" in pg["headline"]
+    assert main([str(tiny_run), "--top-k", "1", "--no-probes"]) == 0
+    out = capsys.readouterr().out
+    assert "shifted 0.8 R, called positive" in out and "random position" not in out
+    assert "probes" not in json.loads((tiny_run / "cam.json").read_text())["scores"]["pointing_game"]
     (tmp_path / "config.json").write_text((tiny_run / "config.json").read_text())
     (tmp_path / "sites.json").write_text((tiny_run / "sites.json").read_text())
     assert main([str(tmp_path)]) == 2

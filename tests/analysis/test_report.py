@@ -324,3 +324,18 @@ def test_seeds_run_every_arm_with_every_seed_and_the_report_gives_mean_sd(tiny_r
     bad = subprocess.run([sys.executable, "sim/compare.py", "--arms", "nope", "--runs-dir", str(tmp_path / "x")],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown nope" in bad.stderr
+
+
+def test_the_cam_section_leads_with_the_off_centre_scores_beside_their_best_control():
+    from analysis.report import HEADLINE_COLUMNS, cam_scores
+
+    head = {k: {"n": 7, "rate": 0.5 + i / 10, "best_control": 0.25, "ci95": [0, 1], "margin": 0.25 + i / 10}
+            for i, (k, _) in enumerate(HEADLINE_COLUMNS) if k != "two_nodules_each"}
+    doc = {"pointing_game": {"method": "gradcam", "layer": "layer2", "headline": head,
+                             "true_positives": {"axial": 1.0, "centre_baseline": {"axial": 1.0}}}}
+    md = cam_scores({"fed": ([], doc)})
+    row = next(line for line in md if line.startswith("| fed |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "gradcam layer2" and cells[2] == "0.500 / 0.250 (n=7)" and cells[3] == "0.600 / 0.250 (n=7)"
+    assert cells[6] == "n/a" and cells[7] == "1.000 (1.000)"
+    assert cam_scores({}) == []
