@@ -5,8 +5,11 @@
     python sim/explain.py runs/<folder> --compare        # every layer x upsampling (slower)
 
 Writes RUN_DIR/cam_grid.png (the most confident true positives, false positives and false
-negatives of the test split: heatmap over the axial, coronal and sagittal planes, its peak,
-the annotated nodule's outline) and RUN_DIR/cam.json (the cases shown and the scores).
+negatives of the test split, and random-position and two-nodule probes: heatmap over the
+axial, coronal and sagittal planes, its peak, the annotated nodule's outline),
+RUN_DIR/cam_slices.png (the model slid over whole axial slices through test nodules, its
+probability over the lung, nodules outlined, local maxima marked) and RUN_DIR/cam.json (the
+cases shown and the scores).
 The score is the pointing game: the share of positives whose heatmap peak lies within the
 annotated nodule's radius (definitions in analysis/cams/), beside three controls: the
 patch centre as the peak, the same heatmap of a randomly initialised model, and the
@@ -47,6 +50,11 @@ def parser() -> argparse.ArgumentParser:
                         "cell off (default: aligned)")
     p.add_argument("--top-k", type=int, default=4, help="cases per category in the grid (default: 4)")
     p.add_argument("--threshold", type=float, default=0.5, help="probability of a positive call (default: 0.5)")
+    p.add_argument("--slices", type=int, default=8,
+                   help="axial slices through test nodules to slide the model over (cam_slices.png); 0 = none "
+                        "(default: 8)")
+    p.add_argument("--stride-mm", type=float, default=3.0,
+                   help="grid step of the slice view in mm (default: 3.0)")
     p.add_argument("--no-probes", dest="probes", action="store_false",
                    help="skip the random-position and two-nodule probes")
     p.add_argument("--shift", type=float, default=0.8,
@@ -79,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         rep = explain_run(args.run_dir, method=args.method, layer=args.layer, upsample_mode=args.upsample,
                           top_k=args.top_k, threshold=args.threshold, shift=args.shift, seed=args.seed,
                           device=args.device, compare=args.compare,
-                          probes=args.probes)
+                          probes=args.probes, slices=args.slices, stride_mm=args.stride_mm)
     except ValueError as exc:
         print(f"sim/explain.py: error: {exc}", file=sys.stderr)
         return 2
@@ -100,6 +108,12 @@ def main(argv: list[str] | None = None) -> int:
             for part in ("true_positives", "positives", "shifted"):
                 if part in pg:
                     print(_line(part.replace("_", " "), pg[part]))
+    if scores.get("slices", {}).get("slices"):
+        sl = scores["slices"]
+        print(f"\nslice view: {sl['slices']} axial slices, the model slid every {sl['stride_mm']:g} mm over the lung: "
+              f"{sl['found']}/{sl['nodules']} nodules at a local maximum ({sl['rate']:.2f} [{sl['ci95'][0]:.2f}, "
+              f"{sl['ci95'][1]:.2f}]), {sl['false_maxima_per_slice']:.1f} false maxima per slice (p >= "
+              f"{sl['threshold']:g})")
     if "compare" in scores:
         print("\naxial hit rates by setting (centre / random / bright = the three controls):")
         print(format_table(scores["compare"]))

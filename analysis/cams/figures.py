@@ -16,6 +16,7 @@ from analysis.cams.maps import METHODS, RESNET_STRIDES, UPSAMPLING, peaks, resol
 from analysis.cams.pointing import compare_settings, pointing_game, pointing_set
 from analysis.cams.probes import ProbeSet
 from analysis.cams.runs import LoadedRun, load_run, maps_for, test_probabilities
+from analysis.cams.slices import SLICES_PNG, choose_slices, draw_slices, slice_views
 from common.atomic import atomic_write_json
 from common.data.luna16 import Nodule
 from common.data.patches import PLANES, PatchSpec
@@ -162,6 +163,30 @@ HEADLINE_SHORT = {"shifted_true_positives": "shifted (called +)", "random_true_p
                   "two_nodules_any": "two nodules"}
 
 
+def slice_view(run: LoadedRun, slices: int, stride_mm: float, threshold: float, seed: int, progress: bool
+               ) -> dict[str, Any]:
+    """The model slid over ``slices`` axial slices through test nodules (analysis.cams.slices):
+    writes ``cam_slices.png`` and returns the totals."""
+    from common.data.luna16 import load_luna16, read_scan
+
+    picks = choose_slices(run.nodules, slices, seed)
+    if not picks:
+        log.warning("no annotated nodule in the test split: no slice view")
+        return {"slices": 0}
+    luna = load_luna16(run.data_root)
+    scans = {uid: read_scan(luna.scans[uid].path, uid) for uid in sorted({u for u, _ in picks})}
+    log.info("sliding the model over %d axial slices through test nodules, every %g mm", len(picks), stride_mm)
+    views, totals = slice_views(run.model, scans, run.nodules, run.spec, picks, stride_mm=stride_mm,
+                                threshold=threshold, device=run.device, progress=progress)
+    title = (f"{run.path.name}: the model's probability of a nodule, slid over the lung every {stride_mm:g} mm "
+             f"(the same 2.5D patch at every point). Green: annotated nodules; + a local maximum on a nodule, "
+             f"x a false one (p >= {threshold:g}).\nFound {totals['found']}/{totals['nodules']} nodules "
+             f"({totals['rate']:.2f}), {totals['false_maxima_per_slice']:.1f} false maxima per slice. "
+             "Research software, not for diagnosis.")
+    draw_slices(run.path / SLICES_PNG, views, title, (run.spec.hu_min, run.spec.hu_max))
+    return totals
+
+
 def probe_columns(run: LoadedRun, probes: ProbeSet, method: str, layer: str, upsample_mode: str, top_k: int
                   ) -> dict[str, list[dict[str, Any]]]:
     """Grid columns of the first ``top_k`` random-position and two-nodule probes: the model's
@@ -202,7 +227,7 @@ def _nodule_groups(run: LoadedRun) -> np.ndarray:
 def explain_run(run_dir: str | Path, *, method: str = "gradcam", layer: str = "auto",
                 upsample_mode: str = "aligned", top_k: int = 4, threshold: float = 0.5, shift: float = 0.8,
                 seed: int = 0, device: str = "cpu", compare: bool = False, progress: bool = True,
-                probes: bool = True) -> CamReport:
+                probes: bool = True, slices: int = 8, stride_mm: float = 3.0) -> CamReport:
     """Heatmap grid and localisation scores of a finished run, written into its folder.
 
     Writes ``RUN_DIR/cam_grid.png`` (the ``top_k`` most confident true positives, false
@@ -226,6 +251,10 @@ def explain_run(run_dir: str | Path, *, method: str = "gradcam", layer: str = "a
         raise ValueError(f"--upsample {upsample_mode!r}: choose one of {', '.join(UPSAMPLING)}")
     if top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {top_k}")
+    if slices < 0:
+        raise ValueError(f"--slices must be >= 0 (0 = no slice view), got {slices}")
+    if not stride_mm > 0:
+        raise ValueError(f"--stride-mm must be > 0, got {stride_mm}")
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"--threshold must be in [0, 1], got {threshold}")
     if not 0.0 <= shift < 1.0:
@@ -288,10 +317,14 @@ def explain_run(run_dir: str | Path, *, method: str = "gradcam", layer: str = "a
         columns.update(probe_columns(run, ps.probes, method, layer, upsample_mode, top_k))
     png = run.path / GRID_PNG
     draw_grid(png, run.spec, columns, title)
+    figures = {"grid": GRID_PNG}
+    if slices:
+        scores["slices"] = slice_view(run, slices, stride_mm, threshold, seed, progress)
+        figures["slices"] = SLICES_PNG
     doc = {"settings": {"method": method, "layer": layer, "upsample": upsample_mode, "top_k": top_k,
                         "threshold": threshold, "shift": shift, "seed": seed, "arch": run.cfg.arch,
                         "norm": run.cfg.norm, "image_size": run.spec.size, "fov_mm": run.spec.fov_mm},
-           "figures": {"grid": GRID_PNG}, "cases": shown, "scores": scores,
+           "figures": figures, "cases": shown, "scores": scores,
            "test_patches": int(len(run.positions)), "test_positives": int(labels.sum())}
     atomic_write_json(run.path / CAM_JSON, doc)
     return CamReport(png, run.path / CAM_JSON, doc)

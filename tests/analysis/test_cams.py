@@ -216,8 +216,9 @@ def tiny_run(tiny_root, tmp_path_factory):
 
 
 def test_explain_run_writes_the_grid_and_scores(tiny_run):
-    rep = explain.explain_run(tiny_run, top_k=2, threshold=0.0, progress=False)
+    rep = explain.explain_run(tiny_run, top_k=2, threshold=0.0, progress=False, slices=2, stride_mm=6.0)
     assert rep.png == tiny_run / "cam_grid.png" and rep.png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tiny_run / "cam_slices.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     doc = json.loads(rep.json.read_text())
     assert doc["settings"]["layer"] == "layer1"  # auto at 32 px: the deepest stage with 8 cells
     cats = [c["category"] for c in doc["cases"]]
@@ -244,21 +245,25 @@ def test_explain_run_writes_the_grid_and_scores(tiny_run):
     assert head["random"]["rate"] == pr["random"]["hit"]["rate"] and head["shifted"]["rate"] == pg["shifted"]["axial"]
     for h in head.values():
         assert h["margin"] == pytest.approx(h["rate"] - h["best_control"])
+    sl = doc["scores"]["slices"]  # each slice runs through a nodule's centre: at least one nodule per slice
+    assert sl["slices"] == len(sl["per_slice"]) == 2 and sl["nodules"] >= 2 and sl["patches"] > 0
+    assert sl["found"] == sum(s["found"] for s in sl["per_slice"]) and sl["rate"] == sl["found"] / sl["nodules"]
+    assert doc["figures"] == {"grid": "cam_grid.png", "slices": "cam_slices.png"}
     pngs, scores = explain.cam_figures(tiny_run)
-    assert pngs == [rep.png] and scores["pointing_game"] == pg and scores["settings"]["method"] == "gradcam"
+    assert pngs == [rep.png, tiny_run / "cam_slices.png"] and scores["pointing_game"] == pg and scores["settings"]["method"] == "gradcam"
 
 
 def test_explain_cli_and_its_errors(tiny_run, tmp_path, capsys):
     from sim.explain import main
 
-    assert main([str(tiny_run), "--method", "cam", "--top-k", "1", "--shift", "0"]) == 0
+    assert main([str(tiny_run), "--method", "cam", "--top-k", "1", "--shift", "0", "--slices", "0"]) == 0
     out = capsys.readouterr().out
     assert "pointing game, cam at layer4" in out and "cam_grid.png" in out and "never for diagnosis" in out
     pg = json.loads((tiny_run / "cam.json").read_text())["scores"]["pointing_game"]
     assert "shifted" not in pg and "random" in pg["headline"]
-    assert main([str(tiny_run), "--top-k", "1", "--no-probes"]) == 0
+    assert main([str(tiny_run), "--top-k", "1", "--no-probes", "--slices", "1", "--stride-mm", "8"]) == 0
     out = capsys.readouterr().out
-    assert "shifted 0.8 R, called positive" in out and "random position" not in out
+    assert "shifted 0.8 R, called positive" in out and "random position" not in out and "slice view: 1 axial" in out
     assert "probes" not in json.loads((tiny_run / "cam.json").read_text())["scores"]["pointing_game"]
     (tmp_path / "config.json").write_text((tiny_run / "config.json").read_text())
     (tmp_path / "sites.json").write_text((tiny_run / "sites.json").read_text())
@@ -267,3 +272,5 @@ def test_explain_cli_and_its_errors(tiny_run, tmp_path, capsys):
     assert explain.cam_figures(tmp_path) is None
     assert main([str(tiny_run), "--shift", "1.5"]) == 2
     assert "--shift" in capsys.readouterr().err
+    assert main([str(tiny_run), "--stride-mm", "0"]) == 2
+    assert "--stride-mm" in capsys.readouterr().err
