@@ -4,7 +4,8 @@ scored.
 
 For an axial slice through an annotated nodule's centre, a grid of points every ``stride_mm``
 covers the slice's lung field (:func:`lung_mask`: air-dark voxels inside the body, holes filled
-so that nodules and vessels within the lung count, widened by 5 mm for nodules on the pleura).
+so that nodules and vessels within the lung count, the edge closed so that nodules on the
+pleura count too).
 At every point the model gets the same 2.5D patch the cache would hold for a candidate there
 (:func:`common.data.patches.extract`), so the map is the model's probability of "a nodule
 here" over the slice. A nodule on the slice (the plane cuts it: ``|z - z_n| < R``, in-plane
@@ -33,7 +34,7 @@ from common.data.patches import PatchSpec, extract
 from common.evaluation.metrics import sigmoid
 
 SLICES_PNG = "cam_slices.png"
-PLEURA_MM = 5.0  # the lung field widened by this much, for nodules attached to the chest wall
+CLOSING_MM = 10.0  # the lung field's edge closed at this radius, for nodules attached to the chest wall
 
 
 def slice_hu(scan: CTScan, z_mm: float, step_mm: float, extent: tuple[float, float, float, float] | None = None
@@ -60,15 +61,19 @@ def slice_hu(scan: CTScan, z_mm: float, step_mm: float, extent: tuple[float, flo
 def lung_mask(hu: np.ndarray, step_mm: float) -> np.ndarray:
     """Where the lungs are on an axial slice (bool, same grid): dark (< -400 HU) inside the body
     (> -500 HU, holes filled, the largest component), its own holes filled (nodules, vessels),
-    widened by ``PLEURA_MM``."""
+    then closed with a disk of ``CLOSING_MM`` (the "rolling ball": a nodule on the pleura is a
+    notch in the lung's edge, and closing fills it without reaching into the chest wall)."""
     body = ndimage.binary_fill_holes(hu > -500)
     lab, n = ndimage.label(body)
     if n > 1:
         sizes = ndimage.sum(body, lab, index=range(1, n + 1))
         body = lab == (int(np.argmax(sizes)) + 1)
     lung = ndimage.binary_fill_holes(body & (hu < -400))
-    grow = max(1, int(round(PLEURA_MM / step_mm)))
-    return ndimage.binary_dilation(lung, iterations=grow) & body
+    r = max(1, int(round(CLOSING_MM / step_mm)))
+    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+    disk = xx * xx + yy * yy <= r * r
+    closed = ndimage.binary_closing(np.pad(lung, r + 1), structure=disk)[r + 1:-(r + 1), r + 1:-(r + 1)]
+    return ndimage.binary_fill_holes(closed) & body
 
 
 def nodules_on_slice(nodules: list[Nodule], z_mm: float) -> list[tuple[Nodule, float]]:

@@ -46,7 +46,13 @@ def test_lung_mask_covers_the_lungs_and_their_nodules_not_the_body_wall():
     lung = lung_mask(hu, 1.0)
     at = lambda x, y: lung[int(np.argmin(np.abs(ys - y))), int(np.argmin(np.abs(xs - x)))]  # noqa: E731
     assert at(-45, 10) and at(45, -20)  # the nodule (filled in) and the other lung
-    assert not at(0, 65) and not at(-99, -79)  # the body wall, the air outside
+    assert not at(0, 65) and not at(-99, -79) and not at(-45, 57)  # the body wall, the air outside
+    # a nodule on the pleura (half of it a notch in the lung's edge): its lung half is inside the closed field
+    wall = chest([((-45.0, 50.0, 0.0), 5.0)])
+    hu2, xs2, ys2 = slice_hu(wall, 0.0, 1.0)
+    lung2 = lung_mask(hu2, 1.0)
+    assert hu2[int(np.argmin(np.abs(ys2 - 47))), int(np.argmin(np.abs(xs2 + 45)))] > 0  # nodule, not lung
+    assert lung2[int(np.argmin(np.abs(ys2 - 47))), int(np.argmin(np.abs(xs2 + 45)))]
 
 
 def test_sliding_the_classifier_finds_the_nodule_on_its_slice_and_no_false_maximum():
