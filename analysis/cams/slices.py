@@ -28,10 +28,13 @@ import numpy as np
 import torch
 from scipy import ndimage
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
+from common.data.loaders import to_float
 from common.data.luna16 import CTScan, Nodule
 from common.data.patches import PatchSpec, extract
 from common.evaluation.metrics import sigmoid
+from common.training.engine import predict
 
 SLICES_PNG = "cam_slices.png"
 CLOSING_MM = 10.0  # the lung field's edge closed at this radius, for nodules attached to the chest wall
@@ -140,16 +143,13 @@ def slide(model: nn.Module, scan: CTScan, spec: PatchSpec, z_mm: float, stride_m
     valid = lung[np.ix_(ri, ci)]
     gy, gx = np.nonzero(valid)
     centres = np.stack([xs[gx], ys[gy], np.full(len(gx), z_mm)], axis=1)
-    probs = np.empty(len(centres), np.float32)
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        for a in range(0, len(centres), batch):
-            from common.data.loaders import to_float
-
-            x = torch.from_numpy(to_float(extract(scan, centres[a:a + batch], spec))).to(device)
-            probs[a:a + batch] = sigmoid(model(x).reshape(-1).float().cpu().numpy())
-    model.train(was)
+    patches = np.empty((len(centres), 3, spec.size, spec.size), np.uint8)
+    for a in range(0, len(centres), 1024):
+        patches[a:a + 1024] = extract(scan, centres[a:a + 1024], spec)
+    # the one evaluation routine (common.training.engine.predict), as for every test patch
+    x = torch.from_numpy(to_float(patches))
+    logits, _ = predict(model, DataLoader(TensorDataset(x, torch.zeros(len(x))), batch_size=batch), device)
+    probs = sigmoid(logits)
     prob = np.full(valid.shape, np.nan, np.float32)
     prob[gy, gx] = probs
     return {"hu": hu, "fine_x": fx, "fine_y": fy, "lung": lung, "prob": prob, "valid": valid, "xs": xs, "ys": ys,
