@@ -143,11 +143,8 @@ def slide(model: nn.Module, scan: CTScan, spec: PatchSpec, z_mm: float, stride_m
     valid = lung[np.ix_(ri, ci)]
     gy, gx = np.nonzero(valid)
     centres = np.stack([xs[gx], ys[gy], np.full(len(gx), z_mm)], axis=1)
-    patches = np.empty((len(centres), 3, spec.size, spec.size), np.uint8)
-    for a in range(0, len(centres), 1024):
-        patches[a:a + 1024] = extract(scan, centres[a:a + 1024], spec)
     # the one evaluation routine (common.training.engine.predict), as for every test patch
-    x = torch.from_numpy(to_float(patches))
+    x = torch.from_numpy(to_float(extract(scan, centres, spec)))
     logits, _ = predict(model, DataLoader(TensorDataset(x, torch.zeros(len(x))), batch_size=batch), device)
     probs = sigmoid(logits)
     prob = np.full(valid.shape, np.nan, np.float32)
