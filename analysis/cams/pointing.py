@@ -205,16 +205,15 @@ def score_set(run: LoadedRun, ps: PointingSet, *, method: str, layer: str, upsam
               random_model: nn.Module | None = None) -> dict[str, Any]:
     """Pointing-game figures of one heatmap setting on a :class:`PointingSet` (see :func:`pointing_game`)."""
     layer = resolve_layer(layer, run.spec.size, method)
-    parts: dict[str, tuple[np.ndarray, np.ndarray, list[Nodule]]] = {
-        "true_positives": (ps.patches[ps.tp], ps.centres[ps.tp], [n for n, t in zip(ps.nodules, ps.tp, strict=True)
-                                                                 if t]),
-        "positives": (ps.patches, ps.centres, ps.nodules)}
+    # each patch set's heatmaps are made once; a "true positives" part is a subset of its set's maps
+    sources: dict[str, tuple[np.ndarray, np.ndarray]] = {"positives": (ps.patches, ps.centres)}
+    parts: dict[str, tuple[str, np.ndarray]] = {"true_positives": ("positives", ps.tp),
+                                                "positives": ("positives", np.ones(len(ps.patches), bool))}
     if ps.shifted is not None and ps.shifted_centres is not None:
         assert ps.shifted_prob is not None
-        called = ps.shifted_prob >= ps.threshold
-        parts["shifted_true_positives"] = (ps.shifted[called], ps.shifted_centres[called],
-                                           [n for n, t in zip(ps.nodules, called, strict=True) if t])
-        parts["shifted"] = (ps.shifted, ps.shifted_centres, ps.nodules)
+        sources["shifted"] = (ps.shifted, ps.shifted_centres)
+        parts["shifted_true_positives"] = ("shifted", ps.shifted_prob >= ps.threshold)
+        parts["shifted"] = ("shifted", np.ones(len(ps.shifted), bool))
     out: dict[str, Any] = {"method": method, "layer": layer, "upsample": upsample_mode,
                            "unmatched_positives": ps.unmatched}
     models = {"model": run.model, **({"random_init": random_model} if random_model is not None else {})}
@@ -227,16 +226,24 @@ def score_set(run: LoadedRun, ps: PointingSet, *, method: str, layer: str, upsam
         return maps_for(models[who], patches, device=run.device, method=method, layer=layer,
                         upsample_mode=upsample_mode)
 
-    for part, (patches, centres, nodules) in parts.items():
+    maps: dict[tuple[str, str], np.ndarray] = {}
+    for src, (patches, _) in sources.items():
         for who in models:
-            maps = maps_of(who, patches)
-            assert maps is not None
-            s = _public(score_maps(ps.spec, maps, centres, nodules))
+            m = maps_of(who, patches)
+            assert m is not None
+            maps[src, who] = m
+        maps[src, "brightest"] = intensity_maps(patches) if len(patches) else \
+            np.zeros((0, ps.spec.size, ps.spec.size), np.float32)
+    for part, (src, keep) in parts.items():
+        centres = sources[src][1][keep]
+        nodules = [n for n, k in zip(ps.nodules, keep, strict=True) if k]
+        for who in models:
+            s = _public(score_maps(ps.spec, maps[src, who][keep], centres, nodules))
             if who == "model":
                 out[part] = s
             else:
                 out[part]["random_init"] = {"axial": s["axial"], "all_planes": s["all_planes"]}
-        bright = score_maps(ps.spec, intensity_maps(patches), centres, nodules) if len(patches) else \
+        bright = score_maps(ps.spec, maps[src, "brightest"][keep], centres, nodules) if keep.any() else \
             {"axial": math.nan, "all_planes": math.nan}
         out[part]["intensity_baseline"] = {"axial": bright["axial"], "all_planes": bright["all_planes"]}
     for part in ("shifted", "shifted_true_positives"):
