@@ -196,7 +196,7 @@ def train_site(cfg: RunConfig, data: SiteData, arrays: dict[str, np.ndarray], se
 
     def loader(epoch: int):
         return train_loader(data.cache, data.train, batch_size=cfg.batch_size, neg_ratio=cfg.neg_ratio,
-                            augment=cfg.augment, seed=seed + epoch)
+                            augment=cfg.augment, seed=seed + epoch, shift_mm=cfg.augment_shift_mm)
 
     dp = local_dp(cfg, data, len(loader(0))) if cfg.dp == "local" else None
     if dp is not None:

@@ -61,7 +61,8 @@ def run_centralized(cfg: RunConfig, run: RunDir, prepared: Prepared, checkpoint:
                 epoch = (rnd - 1) * cfg.local_epochs + e
                 model_lib.set_lr(optimizer, model_lib.lr_at(cfg, epoch))  # the sites' schedule, pass by pass
                 loader = train_loader(prepared.cache, positions, batch_size=cfg.batch_size, neg_ratio=cfg.neg_ratio,
-                                      augment=cfg.augment, seed=cfg.seed * 100_003 + epoch)
+                                      augment=cfg.augment, seed=cfg.seed * 100_003 + epoch,
+                                      shift_mm=cfg.augment_shift_mm)
                 stats.append(train_one_epoch(model, loader, optimizer, device, amp=cfg.amp, progress=progress,
                                              log_prefix=f"epoch {epoch + 1}/{cfg.rounds * cfg.local_epochs} "))
             seen = sum(s["examples"] for s in stats)

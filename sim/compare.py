@@ -7,8 +7,9 @@
     python sim/compare.py --seeds 0,1,2                # every arm with every seed: mean ± sd, ΔAUC per seed
     python sim/compare.py --arms centralized,fed-iid-fedavg   # only some arms of the standard set
 
-The standard set: the centralized baseline, federated IID with FedAvg, and federated
-non-IID (--non-iid, default scanner) with FedAvg and FedProx, all with the same model,
+The standard set: the centralized baseline, federated IID with the default strategy
+(FedAvgM, server lr 2, no momentum) and with plain FedAvg, and federated non-IID (--non-iid,
+default scanner) with the default, FedAvg and FedProx, all with the same model,
 test split and number of passes over the training data (a federated run of R rounds x E
 local epochs makes R x E passes; the baseline runs R x E epochs on the pooled data).
 Runs whose folder already holds a summary.json are read, not rerun.
@@ -44,8 +45,11 @@ PASS_THROUGH = ("clients", "rounds", "local_epochs", "image_size", "arch", "data
 
 
 def standard_runs(non_iid: str, privacy: bool) -> list[tuple[str, str, list[str]]]:
+    default = ["--strategy", "fedavgm", "--server-momentum", "0", "--server-lr", "2"]  # sim/run.py's default
     runs = [("centralized", "centralized", ["--mode", "centralized"]),
+            ("federated IID FedAvgM lr 2 (default)", "fed-iid-fedavgm", ["--partition", "iid", *default]),
             ("federated IID FedAvg", "fed-iid-fedavg", ["--partition", "iid", "--strategy", "fedavg"]),
+            (f"federated {non_iid} FedAvgM lr 2", f"fed-{non_iid}-fedavgm", ["--partition", non_iid, *default]),
             (f"federated {non_iid} FedAvg", f"fed-{non_iid}-fedavg", ["--partition", non_iid, "--strategy", "fedavg"]),
             (f"federated {non_iid} FedProx", f"fed-{non_iid}-fedprox",
              ["--partition", non_iid, "--strategy", "fedprox"])]

@@ -49,17 +49,23 @@ def augment(batch: np.ndarray, rng: np.random.Generator, max_shift: int) -> np.n
     return out
 
 
+def shift_pixels(cache: PatchCache, shift_mm: float) -> int:
+    """The largest augmentation shift in pixels of the cache's patches (at least 1: 3 mm is
+    ``size // 16`` pixels at the default 48 mm field of view)."""
+    return max(1, int(round(shift_mm * cache.spec.size / cache.spec.fov_mm)))
+
+
 class PatchDataset(Dataset):
     """Patches at ``positions`` of the cache index (uint8 in the cache, float here)."""
 
     def __init__(self, cache: PatchCache, positions: np.ndarray, *, augment: bool = False,
-                 seed: int = 0) -> None:
+                 seed: int = 0, shift_mm: float = 3.0) -> None:
         self.cache = cache
         self.positions = np.asarray(positions, dtype=np.int64)
         self.labels = cache.label[self.positions].astype(np.float32)
         self.augment = augment
         self.rng = np.random.default_rng(seed)
-        self.max_shift = max(1, cache.spec.size // 16)
+        self.max_shift = shift_pixels(cache, shift_mm)
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -99,11 +105,12 @@ def epoch_size(cache: PatchCache, positions: np.ndarray, neg_ratio: float) -> in
 
 
 def train_loader(cache: PatchCache, positions: np.ndarray, *, batch_size: int, neg_ratio: float,
-                 augment: bool, seed: int) -> DataLoader:
-    """One balanced epoch's loader, reproducible from ``seed``."""
+                 augment: bool, seed: int, shift_mm: float = 3.0) -> DataLoader:
+    """One balanced epoch's loader, reproducible from ``seed``; ``shift_mm``: the largest
+    augmentation shift (``--augment-shift-mm``)."""
     rng = np.random.default_rng(seed)
     chosen = balanced_positions(cache, positions, neg_ratio, rng)
-    ds = PatchDataset(cache, chosen, augment=augment, seed=seed + 1)
+    ds = PatchDataset(cache, chosen, augment=augment, seed=seed + 1, shift_mm=shift_mm)
     # Order is already random; drop a last batch of one (BatchNorm cannot train on it).
     return DataLoader(ds, batch_size=batch_size, shuffle=False, drop_last=len(chosen) % batch_size == 1)
 

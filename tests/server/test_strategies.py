@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.serverapp.strategy import FedAvgM
 from flwr.supercore.task_identity import TaskIdentity
 
 from common.config import RunConfig
@@ -290,6 +291,11 @@ def test_one_registry_of_strategies_and_their_own_settings():
         assert name.replace("fedtrimmedavg", "fedtrimmed").lower() in type(s).__name__.lower().lstrip("_")
     with pytest.raises(ValueError, match="choose --strategy fedavg or fedprox, not fedadam"):
         RunConfig(strategy="fedadam", dp="central", norm="group")
+    # the default (issue 16): Flower's FedAvgM stepping twice the sites' mean change, no momentum
+    s = make_strategy(RunConfig(clients=8), 8)
+    assert isinstance(s, FedAvgM) and (s.server_learning_rate, s.server_momentum) == (2.0, 0.0)
+    with pytest.raises(ValueError, match=r"not fedavgm \(the default\)"):
+        RunConfig(dp="central", norm="group")
 
 
 def test_the_guard_samples_sites_with_its_own_generator():

@@ -19,11 +19,14 @@ from tests.helpers import ROOT, rows, sim, sim_killed_after_round
 
 # Two runs carry every state that must survive a resume (each pair of runs costs about a minute):
 # the server's optimiser state (FedAdam's moments; FedAvgM's momentum), the sites' privacy
-# accountants, the learning-rate schedule, and the sites' own state (Adam's moments, FedBN layers).
+# accountants, the learning-rate schedule, and the sites' own state (Adam's moments, FedBN layers);
+# a third the centralized baseline's (its Adam moments, schedule and epoch seeds).
 @pytest.mark.parametrize("variant", [("--strategy", "fedadam", "--dp", "local", "--norm", "group", "--dp-epsilon", "6"),
                                      ("--strategy", "fedavgm", "--server-momentum", "0.9", "--lr-schedule", "cosine",
-                                      "--warmup-passes", "1", "--site-optimizer", "kept", "--fedbn")],
-                         ids=["fedadam-moments+dp-accountant", "fedavgm-momentum+schedule+site-state"])
+                                      "--warmup-passes", "1", "--site-optimizer", "kept", "--fedbn"),
+                                     ("--mode", "centralized", "--lr-schedule", "cosine", "--warmup-passes", "1")],
+                         ids=["fedadam-moments+dp-accountant", "fedavgm-momentum+schedule+site-state",
+                              "centralized-adam+schedule"])
 def test_resume_gives_the_same_rounds_as_an_uninterrupted_run(tmp_path, tiny_root, variant):
     common = ("--clients", "2", "--local-epochs", "1", "--rounds", "2", *variant)
     sim(tmp_path, tiny_root, *common, "--run-name", "whole")
@@ -70,8 +73,8 @@ def test_resume_with_a_different_config_is_a_clear_error(tmp_path, finished_runs
 
 
 def test_central_dp_accounts_each_round_resumes_its_accountant_and_the_run_can_be_audited(tmp_path, tiny_root):
-    common = ("--clients", "2", "--local-epochs", "1", "--rounds", "2", "--dp", "central", "--norm", "group",
-              "--dp-noise", "0.8", "--dp-clip", "5", "--dp-delta", "0.01")
+    common = ("--clients", "2", "--local-epochs", "1", "--rounds", "2", "--strategy", "fedavg", "--dp", "central",
+              "--norm", "group", "--dp-noise", "0.8", "--dp-clip", "5", "--dp-delta", "0.01")
     sim(tmp_path, tiny_root, *common, "--run-name", "whole")
     sim_killed_after_round(tmp_path, tiny_root, 1, "cut", *common)
     sim(tmp_path, tiny_root, "--resume", str(tmp_path / "runs" / "cut"))
