@@ -99,9 +99,9 @@ class RunConfig:
                      "statistics) across rounds; the server's model holds their average")
     neg_ratio: float = _f(3.0, "negatives drawn per positive in each training epoch (fresh each epoch)")
     augment: bool = _f(True, "training-only flips, 90-degree rotations and small shifts")
-    augment_shift_mm: float = _f(3.0, "largest shift of a training patch along each in-plane axis, in mm (the "
-                                 "candidate detector's error; larger moves nodules off centre, label kept: "
-                                 "a nodule's centre stays inside the patch up to half the field of view)")
+    augment_shift_mm: float = _f(3.0, "largest shift of a training patch along each in-plane axis, in mm (0: "
+                                 "none; 3: the candidate detector's error; larger moves nodules off centre, label "
+                                 "kept: a nodule's centre stays inside the patch up to half the field of view)")
     # --- model --------------------------------------------------------------------
     arch: str = _f("resnet50", "torchvision ResNet with a one-logit head", choices=ARCHS)
     norm: str = _f("batch", "normalisation layers: batch (reference) or group (forced by --dp local)",
@@ -210,7 +210,7 @@ class RunConfig:
         if not 0.0 <= self.momentum < 1.0:
             problems.append(f"--momentum must be in [0, 1), got {self.momentum}")
         if self.server_lr < 0:
-            problems.append(f"--server-lr must be >= 0 (0 = the strategy's usual value), got {self.server_lr}")
+            problems.append(f"--server-lr must be >= 0 (0 = the strategy's default), got {self.server_lr}")
         if not 0.0 <= self.server_momentum < 1.0:
             problems.append(f"--server-momentum must be in [0, 1), got {self.server_momentum}")
         if not 0 <= self.augment_shift_mm < self.fov_mm / 2:

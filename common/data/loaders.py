@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from common.data.cache import PatchCache
+from common.data.patches import PatchSpec
 
 
 def to_float(patches: np.ndarray) -> np.ndarray:
@@ -49,10 +50,10 @@ def augment(batch: np.ndarray, rng: np.random.Generator, max_shift: int) -> np.n
     return out
 
 
-def shift_pixels(cache: PatchCache, shift_mm: float) -> int:
-    """The largest augmentation shift in pixels of the cache's patches (at least 1: 3 mm is
-    ``size // 16`` pixels at the default 48 mm field of view)."""
-    return max(1, int(round(shift_mm * cache.spec.size / cache.spec.fov_mm)))
+def shift_pixels(spec: PatchSpec, shift_mm: float) -> int:
+    """The largest augmentation shift in pixels of ``spec``'s patches: 0 for none, else at least
+    1 (3 mm is ``size // 16`` pixels at the default 48 mm field of view)."""
+    return 0 if shift_mm == 0 else max(1, int(round(shift_mm * spec.size / spec.fov_mm)))
 
 
 class PatchDataset(Dataset):
@@ -65,7 +66,7 @@ class PatchDataset(Dataset):
         self.labels = cache.label[self.positions].astype(np.float32)
         self.augment = augment
         self.rng = np.random.default_rng(seed)
-        self.max_shift = shift_pixels(cache, shift_mm)
+        self.max_shift = shift_pixels(cache.spec, shift_mm)
 
     def __len__(self) -> int:
         return len(self.positions)

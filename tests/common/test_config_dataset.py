@@ -70,22 +70,21 @@ def test_augmentation_keeps_shape_and_content():
         assert abs(float(a.mean()) - float(b.mean())) < 12
 
 
-def test_augment_shift_mm_moves_a_centred_nodule_off_centre_but_keeps_it_in_the_patch(tmp_path):
+def test_augment_shift_mm_moves_a_centred_nodule_off_centre_but_keeps_it_in_the_patch():
     """--augment-shift-mm is millimetres on the cache's own scale: 3 mm is today's size // 16
     pixels at 48 mm; 12 mm moves a centred blob by up to 16 of 64 pixels, never out of the patch."""
     from common.data.loaders import shift_pixels
     from common.data.patches import PatchSpec
 
-    class Cache:  # the two attributes shift_pixels and augment read, on the default spec
-        spec = PatchSpec()
-    assert PatchSpec().size == 64 and shift_pixels(Cache, 3.0) == 4 == 64 // 16
-    assert shift_pixels(Cache, 12.0) == 16 and shift_pixels(Cache, 0.0) == 1
+    spec = PatchSpec()
+    assert spec.size == 64 and shift_pixels(spec, 3.0) == 4 == 64 // 16
+    assert shift_pixels(spec, 12.0) == 16 and shift_pixels(spec, 0.0) == 0 and shift_pixels(spec, 0.1) == 1
     blob = np.zeros((1, 3, 64, 64), np.uint8)
     blob[:, :, 30:34, 30:34] = 255  # a 4-pixel nodule at the centre
     rng = np.random.default_rng(0)
     offsets = []
     for _ in range(300):
-        out = augment(blob, rng, max_shift=shift_pixels(Cache, 12.0))[0, 1]
+        out = augment(blob, rng, max_shift=shift_pixels(spec, 12.0))[0, 1]
         ys, xs = np.nonzero(out == 255)
         assert len(ys) == 16  # the whole nodule still in the patch, label still true
         offsets.append(max(abs(ys.mean() - 31.5), abs(xs.mean() - 31.5)))
