@@ -65,6 +65,12 @@ def backend_config(cfg: RunConfig, verbose: bool) -> tuple[dict, int]:
         if cfg.max_parallel:
             cpus = min(cpus, int(cfg.max_parallel * cfg.cpus_per_client))
         init_args["num_cpus"] = cpus
+        # Ray starts its workers at niceness 15, below everything else of the user's login session
+        # (Linux schedules a session's processes as one group, where niceness counts): with any
+        # other work in that session, a second run or a test beside it, the simulated sites got a
+        # few percent of a core (tiny test run under load: 15 s rounds at 15, 4 s at 0). The
+        # sites' training is this run's work, so they run at the user's own priority.
+        init_args["_system_config"] = {"worker_niceness": 0}
         if cfg.gpus_per_client == 0:
             init_args["num_gpus"] = 0
     slots = max(1, int(cpus // cfg.cpus_per_client))

@@ -26,7 +26,8 @@ def test_flwr_run_with_a_local_simulation_federation(tmp_path, tiny_root):
     env = {**os.environ, "FLWR_HOME": str(home), "PATH": bindir + os.pathsep + os.environ["PATH"],
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_TELEMETRY_ENABLED": "0",
            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
-           "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()), "LUNAFL_HOME": str(tmp_path / "home")}
+           "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()), "LUNAFL_HOME": str(tmp_path / "home"),
+           "RAY_worker_niceness": "0"}  # as sim/run.py starts Ray (tests/sim/test_cli.py)
     out = tmp_path / "runs"
     overrides = (f'data="{tiny_root}" cache-dir="{tmp_path / "cache"}" out="{out}" run-name="flwr" '
                  + tiny_run_config(tracking="mlflow"))
