@@ -174,7 +174,9 @@ class RunConfig:
     cpus_per_client: float = _f(1.0, "CPU cores reserved for each simulated site")
     gpus_per_client: float = _f(0.0, "GPU share of each simulated site (fractions share one GPU)")
     max_parallel: int = _f(0, "most sites training at once (0 = as many as resources allow)")
-    ray_address: str = _f("", "attach to an existing Ray cluster (e.g. auto or 10.0.0.5:6379)")
+    ray_address: str = _f("", "attach to an existing Ray cluster (e.g. auto or 10.0.0.5:6379); its workers run "
+                              "at the niceness it was started with (Ray's default 15; `RAY_worker_niceness=0 "
+                              "ray start ...` for 0, as a local instance of sim/run.py)")
     # --- bookkeeping --------------------------------------------------------------------------
     seed: int = _f(0, "seed for data, partitions, sampling and training")
     out: str = _f("runs", "folder that receives one results folder per run")
