@@ -86,6 +86,6 @@ def test_simulated_sites_run_at_the_users_priority():
             def niceness(self) -> int:
                 return os.nice(0)
 
-        assert ray.get(Site.remote().niceness.remote(), timeout=120) == os.nice(0) == 0
+        assert ray.get(Site.remote().niceness.remote(), timeout=120) == os.nice(0)  # this process's own, 0 as a rule
     finally:
         ray.shutdown()
