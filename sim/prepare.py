@@ -89,4 +89,6 @@ def check_site(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from common.fastexit import exit_now
+
+    exit_now(main())
