@@ -1,7 +1,8 @@
 """Benchmarks: what a federation costs beyond the training it coordinates.
 
     python sim/bench.py                 # everything, about 30 min on a 2-core CPU
-    python sim/bench.py --quick         # tiny sizes, a minute (what the tests run)
+    python sim/bench.py --quick         # tiny sizes, about 2 min (what the tests run; its 3-site
+                                        # run also stands for the float16 wire run)
     python sim/bench.py --sections throughput,dp
 
 Prints a table and writes JSON (``--out``, default ``bench.json``). Sections:
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -107,16 +107,25 @@ def main(argv: list[str] | None = None) -> int:
         runs = [demo]
         for n in scales:
             scans = max(base.synthetic_scans, int(n * 2.5 * 10 / 9) + 10)
+            # --quick: the scale run sends float16 updates and stands for the wire section's float16
+            # run (bytes per site do not depend on the number of sites): one federation less
+            half = ["--update-dtype", "float16"] if quick and "wire" in sections else []
             runs.append(simulate([*sim_common, "--clients", str(n), "--rounds", "1" if n > 8 else "2",
-                                  "--synthetic-scans", str(scans), "--run-name", f"sites-{n}"], home, f"{n} sites"))
+                                  "--synthetic-scans", str(scans), *half, "--run-name", f"sites-{n}"], home,
+                                 f"{n} sites" + (" (float16 updates)" if half else "")))
         results["overhead"] = runs
     if "wire" in sections:
         print("bytes on the wire ...", flush=True)
         wire = {}
         # --quick: float16 stands for both half types (bfloat16 through the Guard: tests/server)
         for dtype in ("float32", "float16") if quick else ("float32", "float16", "bfloat16"):
-            r = demo if dtype == "float32" else simulate([*demo_args, "--update-dtype", dtype, "--run-name",
-                                                         f"wire-{dtype}"], home, f"update dtype {dtype}")
+            if dtype == "float32":
+                r = demo
+            elif quick and "overhead" in sections:
+                r = results["overhead"][-1]  # the float16 scale run above
+            else:
+                r = simulate([*demo_args, "--update-dtype", dtype, "--run-name", f"wire-{dtype}"], home,
+                             f"update dtype {dtype}")
             assert r is not None
             wire[dtype] = {k: r[k] for k in ("bytes_up_per_site_per_round", "bytes_down_per_site_per_round",
                                              "final_test_auc", "wall_seconds")}
@@ -212,4 +221,6 @@ def report(r: dict) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from common.fastexit import exit_now
+
+    exit_now(main())

@@ -19,13 +19,15 @@ def test_bench_quick_writes_every_field(tmp_path):
     assert t["clientapp_images_per_s"] > 0 and t["plain_loop_images_per_s"] > 0
     # the same model on the same examples: the ClientApp's step is neither far slower nor faster
     assert 0.2 < t["ratio"] < 5 and f"{t['ratio']:.3f}" in proc.stdout
-    assert [o["label"] for o in r["overhead"]] == ["demo workload", "3 sites"]
+    # --quick: the 3-site scale run sends float16 updates and is the wire section's float16 run
+    assert [o["label"] for o in r["overhead"]] == ["demo workload", "3 sites (float16 updates)"]
     for o in r["overhead"]:
         assert 0 <= o["overhead_mean"] < 1 and o["memory"]["peak_pss_gib"] > 0.1
         assert o["bytes_up_per_site_per_round"] > 0 and o["memory"]["per_site_gib"] > 0
     w = r["wire"]
     assert w["float16"]["bytes_up_per_site_per_round"] < 0.6 * w["float32"]["bytes_up_per_site_per_round"]
     assert set(w) == {"float32", "float16"}  # --quick leaves bfloat16 out
+    assert w["float16"]["final_test_auc"] == r["overhead"][1]["final_test_auc"]
     assert all(0 <= v["final_test_auc"] <= 1 for v in w.values())
     d = r["dp"]
     for k in ("nodp_fp32", "nodp_amp", "dp_ghost", "dp_hooks", "ratio_dp_ghost_vs_nodp_fp32"):
