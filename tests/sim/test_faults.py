@@ -64,11 +64,12 @@ def test_random_failures_are_named_and_the_federation_completes(tmp_path, tiny_r
 
 
 def test_poisoning_hurts_fedavg_and_the_median_resists(tmp_path, tiny_root):
-    # the aggregate as the strategy made it, running statistics included: no re-estimation at the sites
-    base = ("--clients", "6", "--rounds", "2", "--local-epochs", "1", "--bn-stats", "averaged")
+    # the aggregate as the strategy made it, running statistics included: no re-estimation at the sites;
+    # one round of four sites, one of them attacking
+    base = ("--clients", "4", "--rounds", "1", "--local-epochs", "1", "--bn-stats", "averaged")
     sim(tmp_path, tiny_root, *base, "--run-name", "clean")
-    sim(tmp_path, tiny_root, *base, "--inject", "site-5:signflip", "--run-name", "avg")
-    sim(tmp_path, tiny_root, *base, "--inject", "site-5:signflip", "--strategy", "fedmedian", "--run-name", "med")
+    sim(tmp_path, tiny_root, *base, "--inject", "site-3:signflip", "--run-name", "avg")
+    sim(tmp_path, tiny_root, *base, "--inject", "site-3:signflip", "--strategy", "fedmedian", "--run-name", "med")
 
     def dist(name):  # how far the attacked global model is from the clean one
         a, b = final(tmp_path, "clean"), final(tmp_path, name)
@@ -76,7 +77,8 @@ def test_poisoning_hurts_fedavg_and_the_median_resists(tmp_path, tiny_root):
 
     assert dist("med") < 0.5 * dist("avg")
     loss = {n: rows(tmp_path / "runs" / n / "rounds.jsonl")[-1]["test_loss"] for n in ("clean", "avg", "med")}
-    assert loss["avg"] > loss["med"]
+    # the averaged model's test loss is higher, or not even finite (one attacker of four, x10)
+    assert np.isfinite(loss["clean"]) and np.isfinite(loss["med"]) and not loss["avg"] <= loss["med"]
 
 
 def test_the_rehearsal_app_serves_every_message_the_hospitals_app_serves():
