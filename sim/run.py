@@ -136,4 +136,4 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     from common.fastexit import exit_now
 
-    exit_now(main())  # without torch's seconds of teardown once the results are written
+    exit_now(main())  # without Python's module teardown once the results are written (common/fastexit.py)
