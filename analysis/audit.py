@@ -15,11 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score, roc_curve
 
 from common.data.cache import open_cache
 from common.data.loaders import eval_loader
-from common.evaluation.metrics import bce_terms, bootstrap
+from common.evaluation.metrics import bce_terms, bootstrap, roc_auc, roc_curve
 from common.training.engine import predict
 from experiment.results import RunDir
 
@@ -27,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 def tpr_at_fpr(y: np.ndarray, score: np.ndarray, fpr_target: float = 0.01) -> float:
-    fpr, tpr, _ = roc_curve(y, score)
+    fpr, tpr = roc_curve(y, score)
     return float(np.interp(fpr_target, fpr, tpr))
 
 
@@ -55,7 +54,7 @@ def membership_audit(run_dir: Path | str, max_per_group: int = 1000, seed: int =
     score = -loss
 
     def attack_auc(i: np.ndarray) -> dict[str, float]:
-        return {"auc": float(roc_auc_score(is_member[i], score[i])) if 0 < is_member[i].sum() < len(i) else np.nan}
+        return {"auc": roc_auc(is_member[i], score[i]) if 0 < is_member[i].sum() < len(i) else np.nan}
 
     auc = attack_auc(np.arange(len(score)))["auc"]
     ci = bootstrap(attack_auc, np.arange(len(score)), ("auc",), n_boot=n_boot, seed=seed)["auc"]

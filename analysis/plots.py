@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from common.atomic import atomic_write
+from common.evaluation.metrics import roc_auc, roc_curve
 
 
 def new_figure():
@@ -176,8 +177,6 @@ def site_curves(rows: Sequence[dict], events: Sequence[dict], path: Path, label:
 
 def roc_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: Path) -> list[str]:
     """One ROC curve per run; ``curves`` maps a label to (labels, logits). Returns the legend's lines."""
-    from sklearn.metrics import roc_auc_score, roc_curve
-
     Figure = new_figure()
     fig = Figure(figsize=(5.5, 5.2), layout="constrained")
     ax = fig.subplots()
@@ -186,8 +185,8 @@ def roc_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: Path) 
         if not np.isfinite(z).all():  # a broken (e.g. poisoned) model: say so instead of a curve
             ax.plot([], [], ls="none", label=f"{label}: no curve, the model gives non-finite outputs")
         elif 0 < np.sum(y) < len(y):
-            fpr, tpr, _ = roc_curve(y, z)
-            ax.plot(fpr, tpr, label=f"{label} (AUC {roc_auc_score(y, z):.3f})")
+            fpr, tpr = roc_curve(y, z)
+            ax.plot(fpr, tpr, label=f"{label} (AUC {roc_auc(y, z):.3f})")
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
     if len(counts) == 1:  # one test split: its size and class ratio on the axes
         pos, n = counts.pop()
