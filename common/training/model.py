@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sys
+import types
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,9 +25,44 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torchvision.models import resnet
 
 from common.config import TRAIN_PARAMS
+
+
+def _import_torchvision_resnet() -> types.ModuleType:
+    """``torchvision.models.resnet``, imported without importing ``torch._dynamo``.
+
+    ``import torchvision`` imports its ops, and ``torchvision/ops/roi_align.py`` (0.29) imports
+    ``is_compile_supported`` from ``torch._dynamo.utils`` at the top, which loads all of dynamo
+    (2 s of CPU per process here, half of what importing torch and torchvision costs): a known
+    upstream cost (pytorch/vision#8436's own comment says dynamo should not be imported eagerly).
+    Every process that builds a model pays it, including those that never train (the server,
+    a deployed site's evaluation and handshake messages, the report tools). While torchvision
+    imports, ``torch._dynamo.utils`` resolves to a stand-in whose ``is_compile_supported`` imports
+    the real one on first call (roi_align's deterministic path; this project never calls it);
+    the stand-in is removed right after, so any later import gets the real module. Processes that
+    step an optimiser import dynamo there anyway (``torch.optim`` does, at every step)."""
+    name = "torch._dynamo.utils"
+    if "torchvision" not in sys.modules and name not in sys.modules:
+        def is_compile_supported(*args, **kwargs):
+            from torch._dynamo.utils import is_compile_supported as real
+
+            return real(*args, **kwargs)
+
+        stand_in = types.ModuleType(name)
+        stand_in.is_compile_supported = is_compile_supported  # type: ignore[attr-defined]
+        sys.modules[name] = stand_in
+        try:
+            import torchvision  # noqa: F401
+        finally:
+            if sys.modules.get(name) is stand_in:
+                del sys.modules[name]
+    from torchvision.models import resnet as module
+
+    return module
+
+
+resnet = _import_torchvision_resnet()
 
 log = logging.getLogger(__name__)
 

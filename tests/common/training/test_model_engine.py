@@ -86,3 +86,29 @@ def test_the_model_builds_every_architecture_the_config_offers():
     from common.training.model import LAYERS
 
     assert tuple(LAYERS) == ARCHS
+
+
+def test_building_a_model_does_not_import_dynamo_and_dynamo_still_imports_whole():
+    """The model factory imports torchvision without ``torch._dynamo`` (2 s per process that never
+    trains); the stand-in it uses is gone afterwards: the real dynamo imports, roi_align runs."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    code = """
+import sys
+from common.training.model import build_model
+m = build_model("resnet10", "batch")
+assert "torch._dynamo" not in sys.modules and "torch._dynamo.utils" not in sys.modules, "dynamo was imported"
+import torch
+from torchvision.ops import roi_align
+torch.use_deterministic_algorithms(True)  # roi_align's path that asks is_compile_supported
+out = roi_align(torch.ones(1, 1, 8, 8), torch.tensor([[0.0, 0.0, 0.0, 4.0, 4.0]]), 2)
+assert out.shape == (1, 1, 2, 2) and torch.allclose(out, torch.ones_like(out))
+import torch._dynamo.utils as u
+assert hasattr(u, "counters") and "torch._dynamo" in sys.modules  # the real module, not the stand-in
+print("ok")
+"""
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]
