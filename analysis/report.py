@@ -282,9 +282,20 @@ def runs_table(runs: list[Run]) -> list[str]:
     md += ["## Runs", "", "| run | setting | data passes | wall time | bytes communicated | folder |",
            "| --- | --- | --- | --- | --- | --- |"]
     for r in runs:
-        md.append(f"| {r.label} | {r.describe()} | {r.summary['data_passes']} | "
-                  f"{r.summary['wall_seconds'] / 60:.1f} min | {r.bytes_total() / 2**30:.2f} GiB | `{r.path}` |")
+        md.append(f"| {r.label} | {r.describe()} | {r.summary['data_passes']} | {wall_time(r.summary)} | "
+                  f"{r.bytes_total() / 2**30:.2f} GiB | `{r.path}` |")
     return md
+
+
+def wall_time(summary: dict) -> str:
+    """A run's wall time; a resumed run's summed over its sessions' rounds (earlier sessions'
+    start-up and any round a crash cut short are not recorded: at least that long)."""
+    wall = summary["wall_seconds"] / 60
+    after = summary.get("resumed_after_round") or 0
+    if not after:
+        return f"{wall:.1f} min"
+    return (f"at least {summary['wall_seconds_all_sessions'] / 60:.1f} min (resumed after round {after}; "
+            f"this session {wall:.1f} min)")
 
 
 def test_metrics(runs: list[Run]) -> list[str]:

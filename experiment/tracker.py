@@ -167,9 +167,15 @@ class RunTracker:
         self._raise_writer_error(wait=True)
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         self.run.save_model("model_final.pt", state, self.cfg, round=self.cfg.rounds)
+        wall = time.time() - self.t_start
+        # a resumed run: this session's wall time, plus the rounds earlier sessions completed (their
+        # start-up and the round a crash cut short are not in any row, so this is a lower bound)
+        earlier = sum(float(r.get("wall_seconds") or 0.0) for r in self.run.rounds()
+                      if 0 < int(r["round"]) <= self.start_round)
         summary: dict[str, Any] = {"notice": NOTICE, "config": self.cfg.to_dict(), "rounds": self.cfg.rounds,
                                    "data_passes": self.cfg.data_passes(self.cfg.rounds),
-                                   "wall_seconds": time.time() - self.t_start, **(extra or {})}
+                                   "wall_seconds": wall, "resumed_after_round": self.start_round,
+                                   "wall_seconds_all_sessions": wall + earlier, **(extra or {})}
         if self.tester is not None:
             if self.last is None or self.last_round != self.cfg.rounds:
                 _, logits, labels = self.tester.run(model, self.device, self.cfg.amp)

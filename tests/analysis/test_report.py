@@ -339,3 +339,12 @@ def test_the_cam_section_leads_with_the_off_centre_scores_beside_their_best_cont
     assert cells[1] == "gradcam layer2" and cells[2] == "0.500 / 0.250 (n=7)" and cells[3] == "0.600 / 0.250 (n=7)"
     assert cells[6] == "n/a" and cells[7] == "1.000 (1.000)"
     assert cam_scores({}) == []
+
+
+def test_a_resumed_runs_wall_time_is_summed_over_its_sessions():
+    from analysis.report import wall_time
+
+    assert wall_time({"wall_seconds": 90.0}) == "1.5 min"  # a summary written before resumes were summed
+    assert wall_time({"wall_seconds": 90.0, "resumed_after_round": 0, "wall_seconds_all_sessions": 90.0}) == "1.5 min"
+    assert wall_time({"wall_seconds": 60.0, "resumed_after_round": 8, "wall_seconds_all_sessions": 780.0}) == (
+        "at least 13.0 min (resumed after round 8; this session 1.0 min)")

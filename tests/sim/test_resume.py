@@ -42,6 +42,11 @@ def test_resume_gives_the_same_rounds_as_an_uninterrupted_run(tmp_path, tiny_roo
     ra, rb = rows(tmp_path / "runs" / "whole" / "rounds.jsonl"), rows(tmp_path / "runs" / "cut" / "rounds.jsonl")
     assert [r["round"] for r in rb] == [0, 1, 2]  # no round skipped or counted twice
     assert ra[2]["test_roc_auc"] == rb[2]["test_roc_auc"]
+    # the resumed run's wall time counts the round its first session completed
+    sa, sb = (json.loads((tmp_path / "runs" / n / "summary.json").read_text()) for n in ("whole", "cut"))
+    assert sa["resumed_after_round"] == 0 and sa["wall_seconds_all_sessions"] == sa["wall_seconds"]
+    assert sb["resumed_after_round"] == 1 and rb[1]["wall_seconds"] > 0
+    assert sb["wall_seconds_all_sessions"] == pytest.approx(sb["wall_seconds"] + rb[1]["wall_seconds"])
     if "--dp" in variant:  # each site's accountant continued where it stopped: same spend, same steps
         for site in ("site-0", "site-1"):
             la = json.loads((tmp_path / "runs" / "whole" / "site_state" / f"{site}.privacy.json").read_text())
