@@ -177,9 +177,15 @@ CLOSE = 0.01  # "as good as pooled": within this much test ROC-AUC of the centra
 
 
 def auc_curve(run: Run) -> list[tuple[int, float]]:
-    """(data passes, test ROC-AUC) of every evaluated round, from ``rounds.jsonl``."""
-    return [(int(r["data_passes"]), float(r["test_roc_auc"])) for r in run.rounds
-            if "test_roc_auc" in r and math.isfinite(float(r["test_roc_auc"]))]
+    """(data passes, test ROC-AUC) of every evaluated round, from ``rounds.jsonl``, then the
+    final model's from ``summary.json`` at the run's last pass: in a federated run its BatchNorm
+    statistics may have been re-estimated at the sites after the last round's row."""
+    curve = [(int(r["data_passes"]), float(r["test_roc_auc"])) for r in run.rounds
+             if "test_roc_auc" in r and math.isfinite(float(r["test_roc_auc"]))]
+    final = run.metric("roc_auc")
+    if math.isfinite(final):
+        curve.append((int(run.summary["data_passes"]), final))
+    return curve
 
 
 def passes_to_reach(run: Run, target: float) -> int | None:
@@ -393,7 +399,8 @@ def federation_cost(runs: list[Run], arms: dict[str, list[Run]]) -> list[str]:
         if fed_runs:
             md += ["", f"### Data passes to come within {CLOSE} of centralized (from the learning curves)", "",
                    f"Target: the centralized run's final test ROC-AUC minus {CLOSE} (same seed). Read from each "
-                   "run's `rounds.jsonl` at the rounds it evaluated.", "",
+                   "run's `rounds.jsonl` at the rounds it evaluated, and from its final model (`summary.json`, "
+                   "BatchNorm statistics re-estimated at the sites where the run did so).", "",
                    "| run | target AUC | passes the federated run needed | passes the centralized run needed | "
                    "final ΔAUC | best AUC (at passes) |", "| --- | --- | --- | --- | --- | --- |"]
             lines = []
