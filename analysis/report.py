@@ -241,22 +241,24 @@ def froc_result(run: Run) -> froc.FROCResult | None:
 def explain_gap(run: Run, central: Run, auc: float, central_same_steps: float) -> str:
     """One sentence on ``run``'s gap to ``central``, chosen by the numbers (not fixed prose)."""
     gap = run.metric("roc_auc") - central.metric("roc_auc")
+    fp, cp = run.summary["data_passes"], central.summary["data_passes"]
+    passes = "equal data passes" if fp == cp else f"{fp} data passes against centralized's {cp}"
     if gap >= -CLOSE:
-        return (f"- {run.label}: within {CLOSE} of centralized at equal data passes (ΔAUC {fmt(gap)}); nothing "
+        return (f"- {run.label}: within {CLOSE} of centralized at {passes} (ΔAUC {fmt(gap)}); nothing "
                 "to explain.")
     if not math.isfinite(central_same_steps):
-        return (f"- {run.label}: {fmt(-gap)} below centralized; its steps fall outside the centralized curve, so "
-                "the step count cannot be compared.")
+        return (f"- {run.label}: {fmt(-gap)} below centralized at {passes}; its steps fall outside the centralized "
+                "curve, so the step count cannot be compared.")
     d = auc - central_same_steps
     if abs(d) <= CLOSE:
-        return (f"- {run.label}: {fmt(-gap)} below centralized at equal passes, but within {CLOSE} of centralized "
+        return (f"- {run.label}: {fmt(-gap)} below centralized at {passes}, but within {CLOSE} of centralized "
                 f"after as many sequential steps ({fmt(auc)} vs {fmt(central_same_steps)}): the gap is optimization "
                 "progress (fewer sequential steps), which more rounds close.")
     if d < 0:
-        return (f"- {run.label}: {fmt(-gap)} below centralized at equal passes and {fmt(-d)} below it even after as "
+        return (f"- {run.label}: {fmt(-gap)} below centralized at {passes} and {fmt(-d)} below it even after as "
                 "many sequential steps: fewer steps do not explain all of the gap (client drift, non-IID sites or "
                 "BatchNorm under averaging may).")
-    return (f"- {run.label}: {fmt(-gap)} below centralized at equal passes, but {fmt(d)} above it after as many "
+    return (f"- {run.label}: {fmt(-gap)} below centralized at {passes}, but {fmt(d)} above it after as many "
             "sequential steps: per step, averaging the sites' paths helps; the gap is the steps it has not taken.")
 
 

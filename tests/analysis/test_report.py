@@ -263,6 +263,13 @@ def test_report_explanation_and_operating_point_are_computed_from_the_runs(finis
         assert "nothing to explain" in sentence
     else:
         assert sentence.startswith(f"- fed: {-gap:.3f} below centralized")
+    assert fed_summary["data_passes"] == 2 and "at equal data passes" in sentence  # 2 x 1 epoch; 2 epochs
+    # a federated run of more passes is not said to be at equal passes
+    from analysis.report import explain_gap
+
+    fed.summary = {**fed.summary, "data_passes": 4}
+    for same_steps in (0.5, float("nan")):  # each sentence the numbers can choose
+        assert "at 4 data passes against centralized's 2" in explain_gap(fed, central, 0.5, same_steps)
     for name in ("central", "fed"):
         op = json.loads((finished_runs.runs / name / "summary.json").read_text())["test"]["operating_point"]
         line = next(x for x in md if x.startswith(f"| {name} | {op['threshold']:g} ("))
