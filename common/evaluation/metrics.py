@@ -109,18 +109,23 @@ def average_ranks(x: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The ROC curve's points (false-positive rates, true-positive rates), from (0, 0) to (1, 1),
-    one per distinct score taken as the threshold (``score >= t`` is positive), points on a
-    straight line between their neighbours dropped: the points of ``sklearn.metrics.roc_curve``.
-    Needs both classes."""
+def distinct_threshold_counts(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """True and false positives with each distinct score taken as the threshold (``score >= t``
+    is positive), from the highest score down."""
     y = np.asarray(labels).astype(np.float64)
     s = np.asarray(scores, dtype=np.float64)
     order = np.argsort(-s, kind="mergesort")
     s, y = s[order], y[order]
     last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # the last example at each distinct score
     tps = np.cumsum(y)[last]
-    fps = (last + 1) - tps
+    return tps, (last + 1) - tps
+
+
+def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The ROC curve's points (false-positive rates, true-positive rates), from (0, 0) to (1, 1),
+    one per distinct score taken as the threshold, points on a straight line between their
+    neighbours dropped: the points of ``sklearn.metrics.roc_curve``. Needs both classes."""
+    tps, fps = distinct_threshold_counts(labels, scores)
     keep = np.r_[True, np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), True]
     tps, fps = np.r_[0.0, tps[keep]], np.r_[0.0, fps[keep]]
     return fps / fps[-1], tps / tps[-1]
@@ -129,13 +134,8 @@ def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.nd
 def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
     """PR-AUC as ``sklearn.metrics.average_precision_score`` computes it: the sum over
     distinct thresholds of precision times the step in recall."""
-    y = np.asarray(labels).astype(np.float64)
-    s = np.asarray(scores, dtype=np.float64)
-    order = np.argsort(-s, kind="mergesort")
-    s, y = s[order], y[order]
-    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # the last example at each distinct score
-    tps = np.cumsum(y)[last]
-    precision = tps / (last + 1)
+    tps, fps = distinct_threshold_counts(labels, scores)
+    precision = tps / (tps + fps)
     recall = tps / tps[-1]
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
