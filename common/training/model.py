@@ -34,7 +34,8 @@ def _import_torchvision_resnet() -> types.ModuleType:
 
     ``import torchvision`` imports its ops, and ``torchvision/ops/roi_align.py`` (0.29) imports
     ``is_compile_supported`` from ``torch._dynamo.utils`` at the top, which loads all of dynamo
-    (2 s of CPU per process here, half of what importing torch and torchvision costs): a known
+    (1.2 s of CPU per process here, 40 % of what importing torch and torchvision costs;
+    more on a loaded machine): a known
     upstream cost (pytorch/vision#8436's own comment says dynamo should not be imported eagerly).
     Every process that builds a model pays it, including those that never train (the server,
     a deployed site's evaluation and handshake messages, the report tools). While torchvision
