@@ -94,7 +94,7 @@ def test_tracked_run_equals_its_results_folder_and_resume_continues_the_same_mlf
         assert_run_equals_folder(client, mr, tmp_path / "runs" / name)
     assert rows(run / "rounds.jsonl")[-1]["round"] == 2
     eps = sorted((m.step, m.value) for m in client.get_metric_history(found["cut"].info.run_id, "dp_epsilon/site-0"))
-    assert [s for s, _ in eps] == [1, 2] and eps[0][1] < eps[1][1] == pytest.approx(6.0, abs=0.05)  # cumulative, per site
+    assert [s for s, _ in eps] == [1, 2] and eps[0][1] < eps[1][1] == pytest.approx(6.0, abs=0.05)  # cumulative
 
     # the comparison report goes to both tracked runs
     p = subprocess.run([sys.executable, "sim/compare.py", "--runs", str(run), str(tmp_path / "runs" / "central"),
