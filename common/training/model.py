@@ -136,10 +136,24 @@ def make_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     ``cfg.train_params`` selects: Adam (the reference workload) or SGD with momentum."""
     params = set_trainable(model, cfg.train_params)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               fused=fusable(params) or None)
     if cfg.optimizer != "adam":
         raise ValueError(f"optimizer {cfg.optimizer!r}: choose adam or sgd")
-    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def fusable(params: list[torch.nn.Parameter]) -> bool:
+    """Whether torch's fused optimizer kernels take these weights (floating point, on CPU or CUDA)."""
+    return bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+
+
+def adam(params: list[torch.nn.Parameter], lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
+    """Adam with torch's fused kernel where it runs: the same update as the default (for-each)
+    kernel to rounding, in one pass over the weights instead of a dozen: on this project's 2-core
+    CPU a ResNet-50 step at 64 px, batch 16, took 319 ms instead of 442 ms (its 23.5 M weights made
+    the for-each update ~75-120 ms of every step, the fused one 16 ms)."""
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fusable(params) or None)
 
 
 def lr_at(cfg, pass_index: int) -> float:

@@ -40,7 +40,7 @@ def bench_throughput(cfg, reps: int) -> dict:
     loss_fn = torch.nn.BCEWithLogitsLoss()
     plain = []
     for rep in range(reps + 1):
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        opt = model_lib.adam(list(model.parameters()), lr=cfg.lr)
         model.train()
         t0, n = time.perf_counter(), 0
         for _ in range(cfg.local_epochs):
@@ -70,7 +70,7 @@ def bench_dp(cfg, steps: int) -> dict:
 
     from common.privacy.dpsgd import LocalDP
     from common.training.engine import train_one_epoch
-    from common.training.model import build_model
+    from common.training.model import adam, build_model
 
     n = steps * cfg.batch_size
     g = torch.Generator().manual_seed(0)
@@ -79,7 +79,7 @@ def bench_dp(cfg, steps: int) -> dict:
     device = torch.device("cpu")
     for label, amp in (("nodp_fp32", False), ("nodp_amp", cfg.amp)):
         model = build_model(cfg.arch, "group")
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        opt = adam(list(model.parameters()), lr=1e-3)
         train_one_epoch(model, DataLoader(ds, batch_size=cfg.batch_size), opt, device, amp=amp)  # warm-up
         out[label] = train_one_epoch(model, DataLoader(ds, batch_size=cfg.batch_size), opt, device,
                                      amp=amp)["images_per_s"]
@@ -89,7 +89,7 @@ def bench_dp(cfg, steps: int) -> dict:
             dp = LocalDP("bench", n_patches=n, batches_per_epoch=steps, local_epochs=1, rounds=1, clip=1.0,
                          noise=1.0, target_epsilon=0.0, delta=1e-5, grad_sample_mode=mode,
                          ledger_path=Path(tmp) / "l.json")
-            m, opt, crit, loader = dp.attach(model, torch.optim.Adam(model.parameters(), lr=1e-3),
+            m, opt, crit, loader = dp.attach(model, adam(list(model.parameters()), lr=1e-3),
                                              DataLoader(ds, batch_size=cfg.batch_size), seed=0)
             train_one_epoch(m, loader, opt, device, criterion=crit)  # warm-up
             st = train_one_epoch(m, dp.loader(DataLoader(ds, batch_size=cfg.batch_size), 1), opt, device,
@@ -147,10 +147,10 @@ def bench_gpu() -> dict:
 
     if not torch.cuda.is_available():
         return {"available": False, "note": "no CUDA device on this machine"}
-    from common.training.model import build_model
+    from common.training.model import adam, build_model
 
     model = build_model("resnet50").cuda().to(memory_format=torch.channels_last)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = adam(list(model.parameters()), lr=1e-3)
     x = torch.randn(256, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
     y = (torch.arange(256, device="cuda") % 2).float()
     for i in range(25):

@@ -112,3 +112,30 @@ print("ok")
 """
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_the_optimizer_runs_torchs_fused_kernel_and_steps_as_the_default_kernel_does(optimizer):
+    from common.config import RunConfig
+    from common.training.model import make_optimizer
+
+    cfg = RunConfig(optimizer=optimizer, lr=1e-2, momentum=0.9, weight_decay=1e-4)
+    torch.manual_seed(0)
+    a, b = build_model("resnet10", "group"), build_model("resnet10", "group")
+    b.load_state_dict(a.state_dict())
+    start = {k: v.clone() for k, v in a.named_parameters()}
+    fused = make_optimizer(a, cfg)
+    assert fused.defaults["fused"] is True
+    # the reference: torch's default (for-each) kernel with the same settings
+    kind = torch.optim.Adam if optimizer == "adam" else torch.optim.SGD
+    extra = {"momentum": 0.9} if optimizer == "sgd" else {}
+    plain = kind(b.parameters(), lr=1e-2, weight_decay=1e-4, foreach=True, **extra)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0.0, 1.0, 1.0, 0.0])
+    for _ in range(3):
+        for model, opt in ((a, fused), (b, plain)):
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.binary_cross_entropy_with_logits(model(x).reshape(-1), y).backward()
+            opt.step()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-5, msg=name)
+        assert not torch.equal(pa, start[name]), name  # every weight took the three steps
