@@ -31,6 +31,16 @@ SHOWN = [("roc_auc", "ROC-AUC"), ("pr_auc", "PR-AUC"), ("cpm", "CPM"), ("accurac
          ("specificity", "specificity"), ("f1", "F1")]
 
 
+# settings that change what a run learns, named in the report's "setting" column when not at their default
+DESCRIBED = ("rounds", "local_epochs", "batch_size", "optimizer", "lr", "weight_decay", "lr_schedule",
+             "warmup_passes", "site_optimizer", "bn_stats", "fedbn", "neg_ratio", "augment", "augment_shift_mm", "arch",
+             "norm", "image_size", "train_params")
+DESCRIBED_WHEN = {"server_lr": lambda c: c.get("strategy") in ("fedavgm", "fedadam", "fedyogi"),
+                  "server_momentum": lambda c: c.get("strategy") == "fedavgm",
+                  "proximal_mu": lambda c: c.get("strategy") == "fedprox",
+                  "alpha": lambda c: c.get("partition") == "dirichlet"}
+
+
 @dataclass
 class Run:
     label: str
@@ -77,10 +87,25 @@ class Run:
 
     def describe(self) -> str:
         c = self.config
+        changed = "".join(f", {o}" for o in self.changed_options())
         if not self.federated:
-            return f"centralized, {c['rounds'] * c['local_epochs']} epochs on pooled data"
+            return f"centralized, {c['rounds'] * c['local_epochs']} epochs on pooled data{changed}"
         dp = "" if c["dp"] == "off" else f", DP {c['dp']} eps {c['dp_epsilon'] or 'n/a'}"
-        return f"{c['clients']} sites, {c['partition']}, {c['strategy']}{dp}"
+        return f"{c['clients']} sites, {c['partition']}, {c['strategy']}{dp}{changed}"
+
+    def changed_options(self) -> list[str]:
+        """The training settings this run changed from their defaults, as ``sim/run.py`` options
+        (``--lr-schedule cosine``, ``--fedbn``), so runs that differ in them can be told apart."""
+        from common.config import RunConfig
+
+        default, c = RunConfig(), self.config
+        keys = list(DESCRIBED) + [k for k, when in DESCRIBED_WHEN.items() if when(c)]
+        out = []
+        for k in keys:
+            if k in c and c[k] != getattr(default, k):
+                flag = "--" + k.replace("_", "-")
+                out.append(flag if c[k] is True else f"--no-{flag[2:]}" if c[k] is False else f"{flag} {c[k]}")
+        return out
 
 
 def fmt(v: float | None, digits: int = 3) -> str:

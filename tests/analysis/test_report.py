@@ -356,3 +356,25 @@ def test_a_resumed_runs_wall_time_is_summed_over_its_sessions():
     assert wall_time({"wall_seconds": 90.0, "resumed_after_round": 0, "wall_seconds_all_sessions": 90.0}) == "1.5 min"
     assert wall_time({"wall_seconds": 60.0, "resumed_after_round": 8, "wall_seconds_all_sessions": 780.0}) == (
         "at least 13.0 min (resumed after round 8; this session 1.0 min)")
+
+
+def test_the_setting_column_names_every_training_option_changed_from_its_default():
+    import dataclasses
+
+    from analysis.report import Run
+    from common.config import RunConfig
+
+    def describe(**changes) -> str:
+        cfg = dataclasses.asdict(RunConfig(**changes))
+        return Run("x", Path("x"), cfg, {}, [], [], None, None).describe()
+
+    assert describe() == "8 sites, iid, fedavgm"
+    assert describe(partition="scanner", fedbn=True, lr_schedule="cosine", batch_size=8) == \
+        "8 sites, scanner, fedavgm, --batch-size 8, --lr-schedule cosine, --fedbn"
+    assert describe(mode="centralized", lr_schedule="cosine", rounds=16) == \
+        "centralized, 48 epochs on pooled data, --rounds 16, --lr-schedule cosine"
+    assert describe(augment=False) == "8 sites, iid, fedavgm, --no-augment"
+    # a strategy's own settings only where that strategy reads them
+    assert describe(strategy="fedadam", server_lr=0.03) == "8 sites, iid, fedadam, --server-lr 0.03"
+    assert describe(strategy="fedavg", server_lr=0.03) == "8 sites, iid, fedavg"
+    assert describe(partition="dirichlet", alpha=0.1) == "8 sites, dirichlet, fedavgm, --alpha 0.1"
