@@ -15,11 +15,11 @@ from torch import nn
 
 from analysis.cams.geometry import nearest_nodule, plane_hits
 from analysis.cams.maps import RESNET_STRIDES, UPSAMPLING, peaks, resolve_layer
-from analysis.cams.probes import ProbeSet, build_probes, margin_px, score_probes
+from analysis.cams.probes import ProbeSet, build_probes, margin_px, score_probes, wide_spec
 from analysis.cams.runs import LoadedRun, load_run, maps_for, test_probabilities
 from common.data.loaders import to_float
 from common.data.luna16 import Nodule, load_luna16, read_scan
-from common.data.patches import PatchSpec, extract, widened
+from common.data.patches import PatchSpec, extract
 from common.evaluation.metrics import sigmoid
 from common.training.engine import predict
 from common.training.model import build_model
@@ -156,7 +156,7 @@ def pointing_set(run: LoadedRun, *, threshold: float = 0.5, shift: float = 0.8, 
         ps.shifted_centres = shifted_centres(nods, shift, seed)
         jobs.append((ps.shifted_centres, run.spec))
     if probes:
-        wide = widened(run.spec, margin_px(run.spec))
+        wide = wide_spec(run.spec, margin_px(run.spec))
         jobs.append((np.array([n.xyz for n in nods], dtype=np.float64).reshape(-1, 3), wide))
     cut = cut_many(run, uids, jobs, progress)
     if shift > 0:

@@ -50,6 +50,12 @@ def margin_px(spec: PatchSpec) -> int:
     return (3 * spec.size) // 8
 
 
+def wide_spec(spec: PatchSpec, margin: int) -> PatchSpec:
+    """The patch settings on a field ``margin`` pixels wider on every side, same pixel size."""
+    size = spec.size + 2 * margin
+    return PatchSpec(size=size, fov_mm=spec.fov_mm * size / spec.size, hu_min=spec.hu_min, hu_max=spec.hu_max)
+
+
 def crop(wide: np.ndarray, spec: PatchSpec, margin: int, rc: np.ndarray) -> np.ndarray:
     """Windows (3, S, S) of a wide patch (3, S + 2m, S + 2m) centred on its nodule that put the
     nodule centre at pixel ``rc`` = ``mid + (dr, dc)``, integer offsets within ``±margin``."""

@@ -6,11 +6,6 @@ seriesuid, subset, coordX, coordY, coordZ, label) and ``meta.json`` (settings, c
 skipped scans). The key hashes the preprocessing settings and the data set's identity,
 so changing the window or the size makes a new cache.
 
-A cache may keep a ``margin``: every patch stored ``margin`` pixels wider on each side at the
-same pixel size (:func:`common.data.patches.widened`), so that training can shift a patch by
-cropping real tissue around it (:func:`common.data.loaders.augment`); reads give the central
-window, which samples exactly the points a cache without margin holds.
-
 Atomicity: a cache is built in ``<key>.tmp-<pid>`` and renamed into place only when
 complete; a folder without a complete ``meta.json`` or with a patch file of the wrong
 size is never trusted and gets rebuilt.
@@ -33,7 +28,7 @@ import numpy as np
 
 from common.atomic import atomic_write_json, publish_dir
 from common.data.luna16 import DataError, Luna16, read_scan
-from common.data.patches import PatchSpec, extract, widened
+from common.data.patches import PatchSpec, extract
 
 log = logging.getLogger(__name__)
 INDEX_COLUMNS = ("row", "seriesuid", "subset", "coordX", "coordY", "coordZ", "label")
@@ -50,9 +45,8 @@ class PatchCache:
     xyz: np.ndarray  # (N, 3) float64
     label: np.ndarray  # (N,) int8
     row: np.ndarray  # (N,) int64, row in the patch file
-    patches: np.ndarray  # memmap (rows, 3, S + 2 margin, S + 2 margin) uint8
+    patches: np.ndarray  # memmap (rows, 3, S, S) uint8
     meta: dict
-    margin: int = 0  # stored pixels beyond the patch on every side
 
     def __len__(self) -> int:
         return len(self.label)
@@ -61,17 +55,12 @@ class PatchCache:
         """Positions (into the index) of every candidate of the given scans."""
         return np.flatnonzero(np.isin(self.seriesuid, np.array(sorted(scan_ids), dtype=object)))
 
-    def get(self, positions: np.ndarray, wide: bool = False) -> np.ndarray:
-        """Patches (N, 3, S, S) at index positions (a copy; sorted reads are faster on a memory
-        map); ``wide``: with the stored margin, (N, 3, S + 2 margin, S + 2 margin)."""
+    def get(self, positions: np.ndarray) -> np.ndarray:
+        """Patches at index positions (a copy; sorted reads are faster on a memory map)."""
         rows = self.row[positions]
         order = np.argsort(rows, kind="stable")
-        stored = self.patches[rows[order]]
-        if self.margin and not wide:
-            m, s = self.margin, self.spec.size
-            stored = stored[:, :, m:m + s, m:m + s]
-        out = np.empty((len(rows), *stored.shape[1:]), dtype=np.uint8)
-        out[order] = stored
+        out = np.empty((len(rows), *self.patches.shape[1:]), dtype=np.uint8)
+        out[order] = self.patches[rows[order]]
         return out
 
     def scan_ids(self) -> list[str]:
@@ -91,11 +80,9 @@ def dataset_fingerprint(luna: Luna16) -> dict:
     return {"root": str(luna.root.resolve()), "files": h.hexdigest()[:16], "scans": len(luna.scans)}
 
 
-def cache_key(luna: Luna16, spec: PatchSpec, max_neg_per_scan: int = 0, seed: int = 0, margin: int = 0) -> str:
+def cache_key(luna: Luna16, spec: PatchSpec, max_neg_per_scan: int = 0, seed: int = 0) -> str:
     d = {"data": dataset_fingerprint(luna), "spec": spec.key(), "max_neg": max_neg_per_scan,
          "seed": seed if max_neg_per_scan else 0}
-    if margin:  # (a cache without margin keeps the key it always had)
-        d["margin"] = margin
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -109,9 +96,8 @@ def open_cache(path: Path) -> PatchCache:
     if not meta.get("complete"):
         raise DataError(f"{meta_path}: cache marked incomplete")
     spec = PatchSpec(**{k: meta["spec"][k] for k in ("size", "fov_mm", "hu_min", "hu_max")})
-    margin = int(meta.get("margin", 0))
     rows_total = int(meta["rows_total"])
-    shape = (rows_total, 3, spec.size + 2 * margin, spec.size + 2 * margin)
+    shape = (rows_total, 3, spec.size, spec.size)
     pfile = path / "patches.u8"
     expected = int(np.prod(shape))
     if not pfile.exists() or pfile.stat().st_size != expected:
@@ -130,7 +116,7 @@ def open_cache(path: Path) -> PatchCache:
         raise DataError(f"{path / 'index.csv'}: {len(rows)} rows, meta.json says {meta['rows_valid']}")
     return PatchCache(path, spec, np.array(uids, dtype=object), np.array(subs, dtype=np.int16),
                       np.array(xyz, dtype=np.float64).reshape(-1, 3), np.array(labels, dtype=np.int8),
-                      np.array(rows, dtype=np.int64), patches, meta, margin)
+                      np.array(rows, dtype=np.int64), patches, meta)
 
 
 def _select_rows(luna: Luna16, max_neg_per_scan: int, seed: int) -> np.ndarray:
@@ -185,17 +171,14 @@ def _clean_stale(root: Path) -> None:
 
 
 def build_cache(luna: Luna16, spec: PatchSpec, cache_root: Path | str, *, workers: int = 1,
-                on_bad_scan: str = "skip", max_neg_per_scan: int = 0, seed: int = 0, margin: int = 0,
+                on_bad_scan: str = "skip", max_neg_per_scan: int = 0, seed: int = 0,
                 progress: bool = True) -> PatchCache:
-    """Open the cache for these settings, building it first if needed; ``margin``: pixels stored
-    beyond every patch on each side (see the module docstring)."""
-    if margin < 0:
-        raise ValueError(f"patch cache margin must be >= 0 pixels, got {margin}")
+    """Open the cache for these settings, building it first if needed."""
     if on_bad_scan not in ("skip", "fail"):
         raise ValueError(f"--on-bad-scan {on_bad_scan!r}: choose skip or fail")
     cache_root = Path(cache_root)
     cache_root.mkdir(parents=True, exist_ok=True)
-    key = cache_key(luna, spec, max_neg_per_scan, seed, margin)
+    key = cache_key(luna, spec, max_neg_per_scan, seed)
     final = cache_root / key
     if final.exists():
         try:
@@ -216,8 +199,7 @@ def build_cache(luna: Luna16, spec: PatchSpec, cache_root: Path | str, *, worker
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     pfile = tmp / "patches.u8"
-    stored = widened(spec, margin) if margin else spec
-    shape = (len(rows), 3, stored.size, stored.size)
+    shape = (len(rows), 3, spec.size, spec.size)
     with open(pfile, "wb") as fh:
         fh.truncate(int(np.prod(shape)))
     jobs, first = [], {}
@@ -227,7 +209,7 @@ def build_cache(luna: Luna16, spec: PatchSpec, cache_root: Path | str, *, worker
     for a, b in zip(boundaries[:-1], boundaries[1:], strict=True):
         uid = uids_sorted[a]
         first[uid] = (a, b)
-        jobs.append((uid, str(luna.scans[uid].path), int(a), cand.xyz[rows[a:b]], str(pfile), shape, stored))
+        jobs.append((uid, str(luna.scans[uid].path), int(a), cand.xyz[rows[a:b]], str(pfile), shape, spec))
         start = b
     assert start == len(rows)
 
@@ -266,7 +248,7 @@ def build_cache(luna: Luna16, spec: PatchSpec, cache_root: Path | str, *, worker
             w.writerow([pos, uid, luna.scans[uid].subset, f"{x:.4f}", f"{y:.4f}", f"{z:.4f}", int(cand.label[r])])
     n_valid = int(sum(b - a for uid, (a, b) in first.items() if uid not in bad))
     meta = {
-        "complete": True, "key": key, "spec": spec.key(), "margin": margin, "data": dataset_fingerprint(luna),
+        "complete": True, "key": key, "spec": spec.key(), "data": dataset_fingerprint(luna),
         "max_neg_per_scan": max_neg_per_scan, "rows_total": len(rows), "rows_valid": n_valid,
         "scans": len(jobs) - len(bad), "skipped_scans": bad, "build_seconds": round(seconds, 2),
         "patches_per_second": round(done / max(seconds, 1e-9), 1),

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from common.data.cache import PatchCache
-from common.data.patches import shift_pixels
+from common.data.patches import PatchSpec
 
 
 def to_float(patches: np.ndarray) -> np.ndarray:
@@ -21,32 +21,39 @@ def to_float(patches: np.ndarray) -> np.ndarray:
     return patches.astype(np.float32) * (2.0 / 255.0) - 1.0
 
 
-def augment(wide: np.ndarray, rng: np.random.Generator, max_shift: int, size: int) -> np.ndarray:
-    """Flips, 90-degree rotations and shifts, the same for all three planes of a patch.
+def augment(batch: np.ndarray, rng: np.random.Generator, max_shift: int) -> np.ndarray:
+    """Flips, 90-degree rotations and small shifts, the same for all three planes of a patch.
 
-    ``wide`` (N, 3, W, W): patches with ``(W - size) / 2`` stored pixels around them (the
-    cache's margin). Each is flipped and rotated about its centre, then a ``size`` window is
-    cropped with its centre moved by up to ``max_shift`` pixels along each axis, so the
-    candidate lands off centre with real tissue, not a repeated edge, at the borders. A
-    nodule has no preferred orientation or position in the patch, so these keep the label;
-    small shifts mimic the candidate detector's few-millimetre error, larger ones teach the
-    model to find a nodule away from the centre (``--augment-shift-mm``).
+    A nodule has no preferred orientation, so these keep the label; shifts mimic the
+    candidate detector's few-millimetre error.
     """
-    margin = (wide.shape[-1] - size) // 2
-    if wide.shape[-1] != size + 2 * margin or max_shift > margin:
-        raise ValueError(f"patches of {wide.shape[-1]} px cannot give {size} px windows shifted by up to "
-                         f"{max_shift} px (the cache keeps {margin} px around each patch)")
-    out = np.empty((len(wide), wide.shape[1], size, size), dtype=wide.dtype)
-    for i, p in enumerate(wide):
+    out = np.empty_like(batch)
+    for i, p in enumerate(batch):
         if rng.random() < 0.5:
             p = p[:, :, ::-1]
         if rng.random() < 0.5:
             p = p[:, ::-1, :]
         p = np.rot90(p, int(rng.integers(4)), axes=(1, 2))
-        dy, dx = (int(v) for v in rng.integers(-max_shift, max_shift + 1, size=2)) if max_shift else (0, 0)
-        r0, c0 = margin - dy, margin - dx  # the patch centre's content moves by (+dy, +dx)
-        out[i] = p[:, r0:r0 + size, c0:c0 + size]
+        if max_shift:
+            dy, dx = rng.integers(-max_shift, max_shift + 1, size=2)
+            p = np.roll(p, (int(dy), int(dx)), axis=(1, 2))
+            # rolled-in borders repeat the opposite edge; replace them with the nearest edge
+            if dy > 0:
+                p[:, :dy] = p[:, dy:dy + 1]
+            elif dy < 0:
+                p[:, dy:] = p[:, dy - 1:dy]
+            if dx > 0:
+                p[:, :, :dx] = p[:, :, dx:dx + 1]
+            elif dx < 0:
+                p[:, :, dx:] = p[:, :, dx - 1:dx]
+        out[i] = p
     return out
+
+
+def shift_pixels(spec: PatchSpec, shift_mm: float) -> int:
+    """The largest augmentation shift in pixels of ``spec``'s patches: 0 for none, else at least
+    1 (3 mm is ``size // 16`` pixels at the default 48 mm field of view)."""
+    return 0 if shift_mm == 0 else max(1, int(round(shift_mm * spec.size / spec.fov_mm)))
 
 
 class PatchDataset(Dataset):
@@ -59,26 +66,22 @@ class PatchDataset(Dataset):
         self.labels = cache.label[self.positions].astype(np.float32)
         self.augment = augment
         self.rng = np.random.default_rng(seed)
-        self.max_shift = shift_pixels(cache.spec, shift_mm) if augment else 0
-        if self.max_shift > cache.margin:
-            raise ValueError(f"--augment-shift-mm {shift_mm:g} needs {self.max_shift} px stored around each patch; "
-                             f"the patch cache {cache.path} keeps {cache.margin} (it is built for the run's "
-                             "settings by common.data.prepare)")
+        self.max_shift = shift_pixels(cache.spec, shift_mm)
 
     def __len__(self) -> int:
         return len(self.positions)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.cache.get(self.positions[i:i + 1], wide=self.augment)
+        x = self.cache.patches[self.cache.row[self.positions[i]]][None]
         if self.augment:
-            x = augment(x, self.rng, self.max_shift, self.cache.spec.size)
+            x = augment(x, self.rng, self.max_shift)
         return torch.from_numpy(to_float(np.ascontiguousarray(x[0]))), torch.tensor(self.labels[i])
 
     def __getitems__(self, idx: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         # Batched read: one sorted memmap gather instead of one read per sample.
-        x = self.cache.get(self.positions[np.asarray(idx)], wide=self.augment)
+        x = self.cache.get(self.positions[np.asarray(idx)])
         if self.augment:
-            x = augment(x, self.rng, self.max_shift, self.cache.spec.size)
+            x = augment(x, self.rng, self.max_shift)
         x = to_float(np.ascontiguousarray(x))
         return [(torch.from_numpy(x[k]), torch.tensor(self.labels[j])) for k, j in enumerate(idx)]
 

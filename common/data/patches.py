@@ -43,20 +43,6 @@ class PatchSpec:
                 "planes": "axial,coronal,sagittal", "pad_hu": PAD_HU, "version": 1}
 
 
-def widened(spec: PatchSpec, margin: int) -> PatchSpec:
-    """The settings of a field ``margin`` pixels wider on every side at the same pixel size: its
-    central ``spec.size`` pixels sample exactly the points of ``spec``'s patch."""
-    size = spec.size + 2 * margin
-    return PatchSpec(size=size, fov_mm=spec.fov_mm * size / spec.size, hu_min=spec.hu_min, hu_max=spec.hu_max)
-
-
-def shift_pixels(spec: PatchSpec, shift_mm: float) -> int:
-    """The largest augmentation shift in pixels of ``spec``'s patches: 0 for none, else at least
-    1 (3 mm is ``size // 16`` pixels at the default 48 mm field of view); also the margin the
-    patch cache keeps for it."""
-    return 0 if shift_mm == 0 else max(1, int(round(shift_mm * spec.size / spec.fov_mm)))
-
-
 def plane_offsets(spec: PatchSpec) -> np.ndarray:
     """World offsets (mm) of every sample, shape (3 planes, size, size, 3 xyz)."""
     step = spec.fov_mm / spec.size

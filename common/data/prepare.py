@@ -14,19 +14,13 @@ from common.config import RunConfig, default_home
 from common.data.cache import PatchCache, build_cache
 from common.data.luna16 import Luna16, load_luna16
 from common.data.partition import ScanInfo, SitePlan, make_plan, scan_infos
-from common.data.patches import PatchSpec, shift_pixels
+from common.data.patches import PatchSpec
 
 log = logging.getLogger(__name__)
 
 
 def patch_spec(cfg: RunConfig) -> PatchSpec:
     return PatchSpec(cfg.image_size, cfg.fov_mm, cfg.hu_min, cfg.hu_max)
-
-
-def patch_margin(cfg: RunConfig) -> int:
-    """Pixels the patch cache keeps around each patch: the largest training shift, so that a
-    shifted patch is cropped from real tissue (0 without augmentation)."""
-    return shift_pixels(patch_spec(cfg), cfg.augment_shift_mm) if cfg.augment else 0
 
 
 def synthetic_root(cfg: RunConfig) -> Path:
@@ -75,8 +69,7 @@ def prepare(cfg: RunConfig, progress: bool = True) -> Prepared:
     root = resolve_root(cfg, progress)
     luna = load_luna16(root)
     cache = build_cache(luna, patch_spec(cfg), cfg.cache_root(), workers=cfg.workers, on_bad_scan=cfg.on_bad_scan,
-                        max_neg_per_scan=cfg.max_neg_per_scan, seed=cfg.seed, margin=patch_margin(cfg),
-                        progress=progress)
+                        max_neg_per_scan=cfg.max_neg_per_scan, seed=cfg.seed, progress=progress)
     infos = scan_infos(cache.seriesuid, cache.subset, cache.label, luna.metadata)
     if cfg.federation == "deployment":
         tests = set(cfg.test_subset_list())

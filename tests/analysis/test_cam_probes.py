@@ -16,9 +16,10 @@ from analysis.cams.probes import (
     score_pairs,
     score_probes,
     score_random,
+    wide_spec,
 )
 from common.data.loaders import to_float
-from common.data.patches import PatchSpec, widened
+from common.data.patches import PatchSpec
 from tests.analysis.test_cams import BlobNet
 
 SPEC = PatchSpec(32, 24.0)  # 0.75 mm per pixel
@@ -39,7 +40,7 @@ def centroid(img: np.ndarray, level: int = 100) -> np.ndarray:
 
 
 def test_wide_spec_keeps_the_pixel_size_and_crop_moves_the_nodule():
-    wide = widened(SPEC, 12)
+    wide = wide_spec(SPEC, 12)
     assert wide.size == 56 and wide.fov_mm / wide.size == pytest.approx(SPEC.fov_mm / SPEC.size)
     w = disks(1, 56, np.array([2.0]))[0]
     mid = (SPEC.size - 1) / 2

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import tomllib
 
@@ -59,51 +58,33 @@ def test_balanced_epoch_draws_fresh_negatives(tiny_cfg):
     x, y = next(iter(loader))
     assert x.shape == (4, 3, 32, 32) and x.dtype.is_floating_point
     assert -1.0 <= float(x.min()) and float(x.max()) <= 1.0
-    assert cache.margin == 2  # 3 mm at the tiny run's pixel size, stored around every patch for the shifts
-    with pytest.raises(ValueError, match="--augment-shift-mm 3 needs 2 px stored around each patch"):
-        train_loader(dataclasses.replace(cache, margin=0), pos, batch_size=4, neg_ratio=2.0, augment=True, seed=1)
 
 
-def _dihedral(p: np.ndarray) -> list[np.ndarray]:
-    return [np.rot90(f, k, axes=(1, 2)) for f in (p, p[:, :, ::-1]) for k in range(4)]
-
-
-def test_augmentation_crops_a_flipped_or_rotated_wide_patch_within_the_shift():
-    """Every augmented patch is a window of its flipped/rotated wide patch (real tissue, no
-    repeated edge), its centre at most ``max_shift`` from the wide patch's centre; no shift
-    means the central window; a shift beyond the stored margin is refused."""
+def test_augmentation_keeps_shape_and_content():
     rng = np.random.default_rng(0)
-    wide = rng.integers(0, 255, size=(12, 3, 24, 24), dtype=np.uint8)
-    out = augment(wide, rng, max_shift=3, size=16)
-    assert out.shape == (12, 3, 16, 16) and out.dtype == wide.dtype
-    seen = set()
-    for w, o in zip(wide, out, strict=True):
-        hits = [(dy, dx) for t in _dihedral(w) for dy in range(-4, 5) for dx in range(-4, 5)
-                if np.array_equal(t[:, 4 - dy:20 - dy, 4 - dx:20 - dx], o)]
-        assert len(hits) == 1 and max(map(abs, hits[0])) <= 3
-        seen.add(hits[0])
-    assert len(seen) > 3  # shifts vary
-    centred = augment(wide, np.random.default_rng(1), max_shift=0, size=16)
-    for w, o in zip(wide, centred, strict=True):
-        assert any(np.array_equal(t[:, 4:20, 4:20], o) for t in _dihedral(w))
-    with pytest.raises(ValueError, match="shifted by up to 5 px"):
-        augment(wide, rng, max_shift=5, size=16)
+    batch = rng.integers(0, 255, size=(6, 3, 16, 16), dtype=np.uint8)
+    out = augment(batch, rng, max_shift=2)
+    assert out.shape == batch.shape and out.dtype == batch.dtype
+    # flips and rotations keep the histogram; small shifts change it only at the border
+    for a, b in zip(batch, out, strict=True):
+        assert abs(float(a.mean()) - float(b.mean())) < 12
 
 
 def test_augment_shift_mm_moves_a_centred_nodule_off_centre_but_keeps_it_in_the_patch():
     """--augment-shift-mm is millimetres on the cache's own scale: 3 mm is today's size // 16
     pixels at 48 mm; 12 mm moves a centred blob by up to 16 of 64 pixels, never out of the patch."""
-    from common.data.patches import PatchSpec, shift_pixels
+    from common.data.loaders import shift_pixels
+    from common.data.patches import PatchSpec
 
     spec = PatchSpec()
     assert spec.size == 64 and shift_pixels(spec, 3.0) == 4 == 64 // 16
     assert shift_pixels(spec, 12.0) == 16 and shift_pixels(spec, 0.0) == 0 and shift_pixels(spec, 0.1) == 1
-    blob = np.zeros((1, 3, 96, 96), np.uint8)  # the patch with the cache's 16 px margin
-    blob[:, :, 46:50, 46:50] = 255  # a 4-pixel nodule at the centre
+    blob = np.zeros((1, 3, 64, 64), np.uint8)
+    blob[:, :, 30:34, 30:34] = 255  # a 4-pixel nodule at the centre
     rng = np.random.default_rng(0)
     offsets = []
     for _ in range(300):
-        out = augment(blob, rng, max_shift=shift_pixels(spec, 12.0), size=64)[0, 1]
+        out = augment(blob, rng, max_shift=shift_pixels(spec, 12.0))[0, 1]
         ys, xs = np.nonzero(out == 255)
         assert len(ys) == 16  # the whole nodule still in the patch, label still true
         offsets.append(max(abs(ys.mean() - 31.5), abs(xs.mean() - 31.5)))

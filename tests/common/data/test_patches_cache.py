@@ -93,27 +93,6 @@ def test_cache_is_keyed_by_preprocessing_settings(tiny_root):
     assert cache_key(luna, PatchSpec(32, 48.0, -1000, 400), max_neg_per_scan=5) != base
 
 
-def test_a_cache_with_a_margin_reads_the_same_patches_and_keeps_real_tissue_around_them(tiny_root, tmp_path):
-    """The margin (room for training shifts) is stored context at the same pixel size: reads give
-    exactly the patches of a cache without it; wide reads hold them at their centre."""
-    luna = load_luna16(tiny_root)
-    spec = PatchSpec(size=16, fov_mm=32.0)
-    plain = build_cache(luna, spec, tmp_path, progress=False)
-    wide = build_cache(luna, spec, tmp_path, margin=4, progress=False)
-    assert wide.path != plain.path and cache_key(luna, spec, margin=4) == wide.path.name
-    assert plain.margin == 0 and wide.margin == 4 and json.loads((wide.path / "meta.json").read_text())["margin"] == 4
-    assert open_cache(wide.path).patches.shape[1:] == (3, 24, 24)
-    some = np.array([5, 0, len(plain) - 1, 3])
-    np.testing.assert_array_equal(wide.get(some), plain.get(some))
-    full = wide.get(some, wide=True)
-    assert full.shape == (4, 3, 24, 24)
-    np.testing.assert_array_equal(full[:, :, 4:20, 4:20], plain.get(some))
-    # the ring around the patch is the scan, not a copy of the patch's edge
-    assert not all(np.array_equal(full[k, :, 3], full[k, :, 4]) for k in range(4))
-    with pytest.raises(ValueError, match="margin must be >= 0"):
-        build_cache(luna, spec, tmp_path, margin=-1, progress=False)
-
-
 def test_a_cache_killed_mid_write_is_rebuilt(tiny_root, tmp_path):
     luna = load_luna16(tiny_root)
     spec = PatchSpec(size=16, fov_mm=32.0)
