@@ -16,7 +16,7 @@ METHODS = ("gradcam", "cam")
 UPSAMPLING = ("aligned", "bilinear")
 # Input pixels per cell of each stage of torchvision's ResNets (conv1 /2, maxpool /2, layer2-4 /2 each).
 RESNET_STRIDES = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
-AUTO_MIN_CELLS = 8
+AUTO_MIN_CELLS = 16
 
 
 class _eval_mode:
@@ -132,15 +132,18 @@ def heatmaps(model: nn.Module, x: torch.Tensor, *, method: str = "gradcam", laye
         raise ValueError(f"expected square patches, got {tuple(x.shape[-2:])}")
     return upsample(low_res_maps(model, x, method=method, layer=layer), x.shape[-1], stride, upsample_mode, offset)
 
-
 def resolve_layer(layer: str, size: int, method: str = "gradcam") -> str:
     """The ResNet stage to explain: ``layer4`` for CAM; for ``auto`` the deepest stage whose map
-    has at least ``AUTO_MIN_CELLS`` cells across the patch (64 px: ``layer2``, 8 x 8; 224 px:
-    ``layer3``, 14 x 14; 32 px: ``layer1``). Why: on the demo run (ResNet-50, 64 px) the
-    pointing game over all test positives was 0.78 at layer2, 0.63 at layer3 and 0.47 at
-    layer4, while a randomly initialised ResNet-50 scores 0.06, 0.39 and 1.00 (layer4's 2 x 2
-    map has one cell on the patch centre, which wins for any weights): see ``cam.json``'s
-    ``compare`` table and sim/explain.py --compare."""
+    has at least ``AUTO_MIN_CELLS`` cells across the patch (64 px: ``layer1``, 16 x 16, 3 mm a
+    cell at the default 48 mm field; 128 and 224 px: ``layer2``). Why: on the demo's federated
+    model of seed 0 (ResNet-50, 64 px; ``sim/explain.py RUN --compare``, 2026-12-07) Grad-CAM
+    found a nodule moved 0.8 radii off the centre in 0.89 of the patches the model still calls
+    positive at layer1, 0.70 at layer2, 0.31 at layer3 and 0.27 at layer4 (best control 0.27),
+    and a nodule at a random position in 0.96 / 0.89 / 0.46 / 0.24 (best control 0.71); on the
+    centred patches all stages score 0.97-0.99, but there the patch centre scores 1.00 and a
+    randomly initialised model 0.05 (layer1), 0.09, 0.60 and 1.00 (layer4's 2 x 2 map has one
+    cell on the centre, which wins for any weights). See ``cam.json``'s ``compare`` table."""
+
     if method == "cam":  # the layer that feeds the pooled head (another model's own name stays)
         return "layer4" if layer == "auto" or layer in RESNET_STRIDES else layer
     if layer != "auto":

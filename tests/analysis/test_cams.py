@@ -118,7 +118,7 @@ def test_gradcam_at_layer4_is_cam_over_cells_and_leaves_the_model_alone(norm):
     assert model.training  # mode restored
     for k, v in model.state_dict().items():  # eval inside: BatchNorm statistics untouched
         torch.testing.assert_close(v, before[k], msg=k)
-    assert explain.heatmaps(model, x).shape == (2, 64, 64)  # auto: layer2 at 64 px
+    assert explain.heatmaps(model, x).shape == (2, 64, 64)  # auto: layer1 at 64 px
     with pytest.raises(ValueError, match="--layer"):
         explain.heatmaps(model, x, layer="layer9")
     with pytest.raises(ValueError, match="layer4"):
@@ -126,9 +126,10 @@ def test_gradcam_at_layer4_is_cam_over_cells_and_leaves_the_model_alone(norm):
 
 
 def test_resolve_layer():
-    assert explain.resolve_layer("auto", 64) == "layer2"
-    assert explain.resolve_layer("auto", 224) == "layer3"
-    assert explain.resolve_layer("auto", 32) == "layer1"
+    assert explain.resolve_layer("auto", 64) == "layer1"  # 16 x 16
+    assert explain.resolve_layer("auto", 128) == "layer2"  # 16 x 16
+    assert explain.resolve_layer("auto", 224) == "layer2"  # 28 x 28 (layer3: 14)
+    assert explain.resolve_layer("auto", 32) == "layer1"  # the finest there is
     assert explain.resolve_layer("layer3", 64) == "layer3"
     assert explain.resolve_layer("layer2", 64, "cam") == "layer4"
 
