@@ -551,16 +551,22 @@ def cam_scores(cam_docs: dict[str, tuple[list[Path], dict]]) -> list[str]:
                "untrained model, the brightest spot of the patch). Candidates sit on their nodules, so the "
                "scores that mean something move the nodule away from the centre: 0.8 radii off (shifted), to a "
                "random position in the patch, or two nodules in one patch; 'called +' counts the patches the "
-               "model still calls a nodule (analysis/cams/probes.py).", "",
+               "model still calls a nodule (analysis/cams/probes.py). Slice view: the classifier slid over whole "
+               "axial slices through test nodules, its local maxima placed at their patches' heatmap peaks; the "
+               "share of the nodules on those slices with a maximum inside, and the other maxima per slice "
+               "(analysis/cams/slices.py).", "",
                "| run | method / layer | " + " | ".join(t for _, t in HEADLINE_COLUMNS)
-               + " | centred true positives (centre control) |",
-               "| --- | --- | " + " | ".join("---" for _ in HEADLINE_COLUMNS) + " | --- |"]
+               + " | slice view: nodules found / false maxima per slice | centred true positives (centre control) |",
+               "| --- | --- | " + " | ".join("---" for _ in HEADLINE_COLUMNS) + " | --- | --- |"]
         for label, (_, sc) in cam_docs.items():
             pg = sc.get("pointing_game", {})
             head, tp = pg.get("headline", {}), pg.get("true_positives", {})
             cells = [f"{fmt(head[k]['rate'])} / {fmt(head[k]['best_control'])} (n={head[k]['n']})" if k in head
                      else "n/a" for k, _ in HEADLINE_COLUMNS]
-            md.append(f"| {label} | {pg.get('method')} {pg.get('layer')} | " + " | ".join(cells)
+            sl = sc.get("slices", {})
+            slice_cell = (f"{sl['found']}/{sl['nodules']} ({fmt(sl['rate'])}) / {sl['false_maxima_per_slice']:.1f}"
+                          if sl.get("nodules") else "n/a")
+            md.append(f"| {label} | {pg.get('method')} {pg.get('layer')} | " + " | ".join(cells) + f" | {slice_cell}"
                       + f" | {fmt(tp.get('axial'))} ({fmt(tp.get('centre_baseline', {}).get('axial'))}) |")
     return md
 

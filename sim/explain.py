@@ -43,8 +43,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=METHODS, default="gradcam",
                    help="gradcam (Captum's LayerGradCam) or cam (plain CAM at layer4) (default: gradcam)")
     p.add_argument("--layer", choices=("auto", *RESNET_STRIDES), default="auto",
-                   help="ResNet stage Grad-CAM explains; auto = the deepest with at least 8 cells across the patch "
-                        "(64 px: layer2, 224 px: layer3) (default: auto)")
+                   help="ResNet stage Grad-CAM explains; auto = the deepest with at least 16 cells across the patch "
+                        "(64 px: layer1, 224 px: layer2) (default: auto)")
     p.add_argument("--upsample", choices=UPSAMPLING, default="aligned",
                    help="aligned = cells at their receptive-field centres; bilinear = the usual image resize, half a "
                         "cell off (default: aligned)")
@@ -110,10 +110,13 @@ def main(argv: list[str] | None = None) -> int:
                     print(_line(part.replace("_", " "), pg[part]))
     if scores.get("slices", {}).get("slices"):
         sl = scores["slices"]
-        print(f"\nslice view: {sl['slices']} axial slices, the model slid every {sl['stride_mm']:g} mm over the lung: "
-              f"{sl['found']}/{sl['nodules']} nodules at a local maximum ({sl['rate']:.2f} [{sl['ci95'][0]:.2f}, "
-              f"{sl['ci95'][1]:.2f}]), {sl['false_maxima_per_slice']:.1f} false maxima per slice (p >= "
-              f"{sl['threshold']:g})")
+        g = sl["grid"]
+        print(f"\nslice view: {sl['slices']} axial slices, the model slid every {sl['stride_mm']:g} mm over the lung, "
+              f"each local maximum (p >= {sl['threshold']:g}) placed at its patch's heatmap peak: {sl['found']}/"
+              f"{sl['nodules']} nodules found ({sl['rate']:.2f} [{sl['ci95'][0]:.2f}, {sl['ci95'][1]:.2f}]), "
+              f"{sl['false_maxima_per_slice']:.1f} false maxima per slice; the grid's own maxima: {g['found']}/"
+              f"{g['nodules']} ({g['rate']:.2f} [{g['ci95'][0]:.2f}, {g['ci95'][1]:.2f}]), "
+              f"{g['false_maxima_per_slice']:.1f} false per slice")
     if "compare" in scores:
         print("\naxial hit rates by setting (centre / random / bright = the three controls):")
         print(format_table(scores["compare"]))

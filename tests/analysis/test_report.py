@@ -341,11 +341,14 @@ def test_the_cam_section_leads_with_the_off_centre_scores_beside_their_best_cont
             for i, (k, _) in enumerate(HEADLINE_COLUMNS) if k != "two_nodules_each"}
     doc = {"pointing_game": {"method": "gradcam", "layer": "layer2", "headline": head,
                              "true_positives": {"axial": 1.0, "centre_baseline": {"axial": 1.0}}}}
-    md = cam_scores({"fed": ([], doc)})
+    slices = {"slices": 3, "nodules": 4, "found": 3, "rate": 0.75, "false_maxima_per_slice": 2.333}
+    md = cam_scores({"fed": ([], doc), "central": ([], {**doc, "slices": slices})})
     row = next(line for line in md if line.startswith("| fed |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == "gradcam layer2" and cells[2] == "0.500 / 0.250 (n=7)" and cells[3] == "0.600 / 0.250 (n=7)"
-    assert cells[6] == "n/a" and cells[7] == "1.000 (1.000)"
+    assert cells[6] == "n/a" and cells[7] == "n/a" and cells[8] == "1.000 (1.000)"
+    central = [c.strip() for c in next(line for line in md if line.startswith("| central |")).strip("|").split("|")]
+    assert central[7] == "3/4 (0.750) / 2.3"
     assert cam_scores({}) == []
 
 
