@@ -103,13 +103,14 @@ def score_points(pts: np.ndarray, on_slice: list[tuple[Nodule, float]], stride_m
     pts = np.asarray(pts, dtype=np.float64).reshape(-1, 2)
     slack = stride_mm / math.sqrt(2)
     claimed = np.zeros(len(pts), bool)
-    found = []
+    found, nearest = [], []
     for n, r in on_slice:
         d = np.hypot(pts[:, 0] - n.xyz[0], pts[:, 1] - n.xyz[1]) if len(pts) else np.zeros(0)
         near = d <= max(r, slack)
         found.append(bool(near.any()))
+        nearest.append(float(d.min()) if len(d) else math.inf)
         claimed |= near
-    return {"nodules": len(on_slice), "found": int(sum(found)), "found_each": found,
+    return {"nodules": len(on_slice), "found": int(sum(found)), "found_each": found, "nearest_mm": nearest,
             "maxima": int(len(pts)), "false_maxima": int((~claimed).sum()),
             "maxima_xy": pts.tolist(), "maxima_true": claimed.tolist()}
 
@@ -202,6 +203,25 @@ class SliceView:
     grid_score: dict[str, Any]  # the grid's own maxima
 
 
+def nodule_details(sv: SliceView, stride_mm: float) -> list[dict[str, Any]]:
+    """Why each nodule of a slice was found or missed: its diameter, the slice's distance from its
+    centre (``dz_mm``) and in-plane radius, the nearest placed and grid maximum (mm), and the
+    largest probability on the grid within its in-plane radius plus one grid step."""
+    v = sv.view
+    gx, gy = np.meshgrid(v["xs"], v["ys"])
+    out = []
+    for k, (n, r) in enumerate(sv.on_slice):
+        around = np.hypot(gx - n.xyz[0], gy - n.xyz[1]) <= r + stride_mm
+        p = np.nan_to_num(v["prob"], nan=0.0)[around]
+        out.append({"diameter_mm": round(n.diameter_mm, 2), "dz_mm": round(abs(n.xyz[2] - v["z_mm"]), 2),
+                    "radius_on_slice_mm": round(r, 2), "found": sv.score["found_each"][k],
+                    "nearest_maximum_mm": round(sv.score["nearest_mm"][k], 2),
+                    "grid_found": sv.grid_score["found_each"][k],
+                    "grid_nearest_maximum_mm": round(sv.grid_score["nearest_mm"][k], 2),
+                    "max_prob_near": round(float(p.max()), 3) if p.size else None})
+    return out
+
+
 def choose_slices(nodules: dict[str, list[Nodule]], n: int, seed: int = 0) -> list[tuple[str, float]]:
     """Up to ``n`` axial slices through annotated nodules' centres (scan, z), seeded, at most one
     per scan first (then a scan's other nodules)."""
@@ -255,7 +275,8 @@ def slice_views(model: nn.Module, scans: dict[str, CTScan], nodules: dict[str, l
               "patches": int(sum(s.view["patches"] for s in views)), "stride_mm": stride_mm, "threshold": threshold,
               "per_slice": [{"seriesuid": s.seriesuid, "z_mm": s.view["z_mm"],
                              **{k: s.score[k] for k in ("nodules", "found", "maxima", "false_maxima")},
-                             "grid": {k: s.grid_score[k] for k in ("found", "maxima", "false_maxima")}}
+                             "grid": {k: s.grid_score[k] for k in ("found", "maxima", "false_maxima")},
+                             "each_nodule": nodule_details(s, stride_mm)}
                             for s in views]}
     return views, totals
 

@@ -249,6 +249,12 @@ def test_explain_run_writes_the_grid_and_scores(tiny_run):
     sl = doc["scores"]["slices"]  # each slice runs through a nodule's centre: at least one nodule per slice
     assert sl["slices"] == len(sl["per_slice"]) == 2 and sl["nodules"] >= 2 and sl["patches"] > 0
     assert sl["found"] == sum(s["found"] for s in sl["per_slice"]) and sl["rate"] == sl["found"] / sl["nodules"]
+    each = [d for s in sl["per_slice"] for d in s["each_nodule"]]  # why each was found or missed
+    assert len(each) == sl["nodules"] and sum(d["found"] for d in each) == sl["found"]
+    for d in each:  # found exactly when a maximum lies within the in-plane radius (or half a grid diagonal)
+        reach = max(d["radius_on_slice_mm"], sl["stride_mm"] / 2**0.5)
+        assert d["dz_mm"] < d["diameter_mm"] / 2
+        assert d["nearest_maximum_mm"] <= reach + 0.01 if d["found"] else d["nearest_maximum_mm"] > reach - 0.01
     assert doc["figures"] == {"grid": "cam_grid.png", "slices": "cam_slices.png"}
     pngs, scores = explain.cam_figures(tiny_run)
     assert pngs == [rep.png, tiny_run / "cam_slices.png"] and scores["pointing_game"] == pg
