@@ -133,9 +133,16 @@ def grid_maxima(prob: np.ndarray, valid: np.ndarray, threshold: float) -> np.nda
 def score_slice(prob: np.ndarray, valid: np.ndarray, xs: np.ndarray, ys: np.ndarray,
                 on_slice: list[tuple[Nodule, float]], stride_mm: float, threshold: float) -> dict[str, Any]:
     """Found nodules and false maxima of one slice's probability grid (see the module docstring)."""
+    return score_points(grid_points(prob, valid, xs, ys, threshold)[0], on_slice, stride_mm)
+
+
+def grid_points(prob: np.ndarray, valid: np.ndarray, xs: np.ndarray, ys: np.ndarray, threshold: float
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The grid's local maxima (:func:`grid_maxima`) as world points (K, 2) (x, y) mm, and their
+    probabilities (K,)."""
     cells = grid_maxima(prob, valid, threshold)
     pts = np.stack([xs[cells[:, 1]], ys[cells[:, 0]]], axis=1) if len(cells) else np.zeros((0, 2))
-    return score_points(pts, on_slice, stride_mm)
+    return pts, prob[cells[:, 0], cells[:, 1]]
 
 
 def place_maxima(model: nn.Module, scan: CTScan, spec: PatchSpec, z_mm: float, pts: np.ndarray, prob: np.ndarray,
@@ -256,11 +263,9 @@ def slice_views(model: nn.Module, scans: dict[str, CTScan], nodules: dict[str, l
                        dynamic_ncols=True):
         v = slide(model, scans[uid], spec, z, stride_mm, device)
         on = nodules_on_slice(nodules.get(uid, []), z)
-        grid = score_slice(v["prob"], v["valid"], v["xs"], v["ys"], on, stride_mm, threshold)
-        cells = grid_maxima(v["prob"], v["valid"], threshold)
-        placed = place_maxima(model, scans[uid], spec, z, np.array(grid["maxima_xy"]).reshape(-1, 2),
-                              v["prob"][cells[:, 0], cells[:, 1]], stride_mm, device, **(heatmap_args or {}))
-        views.append(SliceView(uid, v, on, score_points(placed, on, stride_mm), grid))
+        pts, probs = grid_points(v["prob"], v["valid"], v["xs"], v["ys"], threshold)
+        placed = place_maxima(model, scans[uid], spec, z, pts, probs, stride_mm, device, **(heatmap_args or {}))
+        views.append(SliceView(uid, v, on, score_points(placed, on, stride_mm), score_points(pts, on, stride_mm)))
 
     def total(key: str) -> dict[str, Any]:
         scores = [getattr(s, key) for s in views]
