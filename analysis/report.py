@@ -552,8 +552,8 @@ def cam_scores(cam_docs: dict[str, tuple[list[Path], dict]]) -> list[str]:
                "scores that mean something move the nodule away from the centre: 0.8 radii off (shifted), to a "
                "random position in the patch, or two nodules in one patch; 'called +' counts the patches the "
                "model still calls a nodule (analysis/cams/probes.py). Slice view: the classifier slid over whole "
-               "axial slices through test nodules, its local maxima placed at their patches' heatmap peaks; the "
-               "share of the nodules on those slices with a maximum inside, and the other maxima per slice "
+               "axial slices through test nodules: the share of the nodules on those slices with a local maximum "
+               "of its probability inside, and the other maxima per slice "
                "(analysis/cams/slices.py).", "",
                "| run | method / layer | " + " | ".join(t for _, t in HEADLINE_COLUMNS)
                + " | slice view: nodules found / false maxima per slice | centred true positives (centre control) |",

@@ -110,13 +110,10 @@ def main(argv: list[str] | None = None) -> int:
                     print(_line(part.replace("_", " "), pg[part]))
     if scores.get("slices", {}).get("slices"):
         sl = scores["slices"]
-        g = sl["grid"]
-        print(f"\nslice view: {sl['slices']} axial slices, the model slid every {sl['stride_mm']:g} mm over the lung, "
-              f"each local maximum (p >= {sl['threshold']:g}) placed at its patch's heatmap peak: {sl['found']}/"
-              f"{sl['nodules']} nodules found ({sl['rate']:.2f} [{sl['ci95'][0]:.2f}, {sl['ci95'][1]:.2f}]), "
-              f"{sl['false_maxima_per_slice']:.1f} false maxima per slice; the grid's own maxima: {g['found']}/"
-              f"{g['nodules']} ({g['rate']:.2f} [{g['ci95'][0]:.2f}, {g['ci95'][1]:.2f}]), "
-              f"{g['false_maxima_per_slice']:.1f} false per slice")
+        print(f"\nslice view: {sl['slices']} axial slices, the model slid every {sl['stride_mm']:g} mm over the lung: "
+              f"{sl['found']}/{sl['nodules']} nodules at a local maximum ({sl['rate']:.2f} [{sl['ci95'][0]:.2f}, "
+              f"{sl['ci95'][1]:.2f}]), {sl['false_maxima_per_slice']:.1f} false maxima per slice (p >= "
+              f"{sl['threshold']:g}); why each nodule was found or missed: cam.json, slices.per_slice")
     if "compare" in scores:
         print("\naxial hit rates by setting (centre / random / bright = the three controls):")
         print(format_table(scores["compare"]))

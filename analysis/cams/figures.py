@@ -163,11 +163,10 @@ HEADLINE_SHORT = {"shifted_true_positives": "shifted (called +)", "random_true_p
                   "two_nodules_any": "two nodules"}
 
 
-def slice_view(run: LoadedRun, slices: int, stride_mm: float, threshold: float, seed: int, progress: bool,
-               heatmap_args: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The model slid over ``slices`` axial slices through test nodules, its maxima placed by
-    the heatmap ``heatmap_args`` (analysis.cams.slices): writes ``cam_slices.png`` and returns
-    the totals."""
+def slice_view(run: LoadedRun, slices: int, stride_mm: float, threshold: float, seed: int, progress: bool
+               ) -> dict[str, Any]:
+    """The model slid over ``slices`` axial slices through test nodules (analysis.cams.slices):
+    writes ``cam_slices.png`` and returns the totals."""
     from common.data.luna16 import load_luna16, read_scan
 
     picks = choose_slices(run.nodules, slices, seed)
@@ -178,14 +177,12 @@ def slice_view(run: LoadedRun, slices: int, stride_mm: float, threshold: float, 
     scans = {uid: read_scan(luna.scans[uid].path, uid) for uid in sorted({u for u, _ in picks})}
     log.info("sliding the model over %d axial slices through test nodules, every %g mm", len(picks), stride_mm)
     views, totals = slice_views(run.model, scans, run.nodules, run.spec, picks, stride_mm=stride_mm,
-                                threshold=threshold, device=run.device, progress=progress, heatmap_args=heatmap_args)
-    g = totals["grid"]
+                                threshold=threshold, device=run.device, progress=progress)
     title = (f"{run.path.name}: the model's probability of a nodule, slid over the lung every {stride_mm:g} mm "
-             f"(the same 2.5D patch at every point). Green: annotated nodules; + a local maximum (p >= "
-             f"{threshold:g}) on a nodule, x a false one, each placed at its patch's heatmap peak.\nFound "
-             f"{totals['found']}/{totals['nodules']} nodules ({totals['rate']:.2f}), "
-             f"{totals['false_maxima_per_slice']:.1f} false maxima per slice (the grid's own maxima: "
-             f"{g['found']}/{g['nodules']}, {g['false_maxima_per_slice']:.1f}). Research software, not for diagnosis.")
+             f"(the same 2.5D patch at every point). Green: annotated nodules; + a local maximum on a nodule, "
+             f"x a false one (p >= {threshold:g}).\nFound {totals['found']}/{totals['nodules']} nodules "
+             f"({totals['rate']:.2f}), {totals['false_maxima_per_slice']:.1f} false maxima per slice. "
+             "Research software, not for diagnosis.")
     draw_slices(run.path / SLICES_PNG, views, title, (run.spec.hu_min, run.spec.hu_max))
     return totals
 
@@ -322,8 +319,7 @@ def explain_run(run_dir: str | Path, *, method: str = "gradcam", layer: str = "a
     draw_grid(png, run.spec, columns, title)
     figures = {"grid": GRID_PNG}
     if slices:
-        scores["slices"] = slice_view(run, slices, stride_mm, threshold, seed, progress,
-                                      {"method": method, "layer": layer, "upsample_mode": upsample_mode})
+        scores["slices"] = slice_view(run, slices, stride_mm, threshold, seed, progress)
         figures["slices"] = SLICES_PNG
     doc = {"settings": {"method": method, "layer": layer, "upsample": upsample_mode, "top_k": top_k,
                         "threshold": threshold, "shift": shift, "seed": seed, "arch": run.cfg.arch,

@@ -15,12 +15,7 @@ of its centre: the grid cannot place a maximum closer than half a cell diagonal.
 such maximum is a *false maximum*. Reported: the share of nodules found (95% Wilson interval)
 and the false maxima per slice.
 
-The grid says only roughly where a nodule is (a cell is ``stride_mm`` wide, and a classifier
-trained on patches shifted a few millimetres fires over a plateau around it). Its class
-activation map says where within the patch: each local maximum is therefore also *placed by
-the heatmap* (:func:`place_maxima`): moved to the peak of the heatmap of the patch centred
-on it (axial plane), and maxima that land within ``stride_mm`` of a more probable one merge.
-Both scores are reported, the placed one first, under the same found-or-false rule.
+Each nodule is listed with why it was found or missed (:func:`nodule_details`).
 
 Research software on synthetic or public data; never for diagnosis.
 """
@@ -97,24 +92,6 @@ def nodules_on_slice(nodules: list[Nodule], z_mm: float) -> list[tuple[Nodule, f
     return out
 
 
-def score_points(pts: np.ndarray, on_slice: list[tuple[Nodule, float]], stride_mm: float) -> dict[str, Any]:
-    """Found nodules and false maxima of one slice's local maxima ``pts`` (K, 2) world (x, y) mm:
-    a nodule is found when a maximum lies within ``max(r, stride / sqrt(2))`` of its centre."""
-    pts = np.asarray(pts, dtype=np.float64).reshape(-1, 2)
-    slack = stride_mm / math.sqrt(2)
-    claimed = np.zeros(len(pts), bool)
-    found, nearest = [], []
-    for n, r in on_slice:
-        d = np.hypot(pts[:, 0] - n.xyz[0], pts[:, 1] - n.xyz[1]) if len(pts) else np.zeros(0)
-        near = d <= max(r, slack)
-        found.append(bool(near.any()))
-        nearest.append(float(d.min()) if len(d) else math.inf)
-        claimed |= near
-    return {"nodules": len(on_slice), "found": int(sum(found)), "found_each": found, "nearest_mm": nearest,
-            "maxima": int(len(pts)), "false_maxima": int((~claimed).sum()),
-            "maxima_xy": pts.tolist(), "maxima_true": claimed.tolist()}
-
-
 def grid_maxima(prob: np.ndarray, valid: np.ndarray, threshold: float) -> np.ndarray:
     """(K, 2) grid cells (row, col) of local maxima: valid, at least ``threshold``, and the
     largest of their 3 x 3 neighbourhood (cells outside ``valid`` count as 0); touching cells of
@@ -132,41 +109,22 @@ def grid_maxima(prob: np.ndarray, valid: np.ndarray, threshold: float) -> np.nda
 
 def score_slice(prob: np.ndarray, valid: np.ndarray, xs: np.ndarray, ys: np.ndarray,
                 on_slice: list[tuple[Nodule, float]], stride_mm: float, threshold: float) -> dict[str, Any]:
-    """Found nodules and false maxima of one slice's probability grid (see the module docstring)."""
-    return score_points(grid_points(prob, valid, xs, ys, threshold)[0], on_slice, stride_mm)
-
-
-def grid_points(prob: np.ndarray, valid: np.ndarray, xs: np.ndarray, ys: np.ndarray, threshold: float
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """The grid's local maxima (:func:`grid_maxima`) as world points (K, 2) (x, y) mm, and their
-    probabilities (K,)."""
+    """Found nodules and false maxima of one slice's probability grid (see the module docstring),
+    and each nodule's distance to the nearest maximum (``nearest_mm``)."""
     cells = grid_maxima(prob, valid, threshold)
     pts = np.stack([xs[cells[:, 1]], ys[cells[:, 0]]], axis=1) if len(cells) else np.zeros((0, 2))
-    return pts, prob[cells[:, 0], cells[:, 1]]
-
-
-def place_maxima(model: nn.Module, scan: CTScan, spec: PatchSpec, z_mm: float, pts: np.ndarray, prob: np.ndarray,
-                 merge_mm: float, device: torch.device, **heatmap_args: Any) -> np.ndarray:
-    """Local maxima ``pts`` (K, 2) world (x, y) placed by the heatmap: each moved to the peak of
-    the heatmap (:func:`analysis.cams.maps.heatmaps`, ``heatmap_args``) of the patch centred on
-    it, read in the axial plane (columns along +x, rows along +y); a map with no peak leaves
-    its point in place. Points are then taken in order of ``prob`` (K,), highest first, and one
-    within ``merge_mm`` of a point already kept merges into it. Returns (K', 2)."""
-    from analysis.cams.maps import heatmaps, peaks
-
-    pts = np.asarray(pts, dtype=np.float64).reshape(-1, 2)
-    if not len(pts):
-        return pts
-    centres = np.column_stack([pts, np.full(len(pts), z_mm)])
-    x = torch.from_numpy(to_float(extract(scan, centres, spec))).to(device)
-    rc, has_peak = peaks(heatmaps(model, x, **heatmap_args))
-    step, mid = spec.fov_mm / spec.size, (spec.size - 1) / 2
-    moved = pts + np.where(has_peak[:, None], (rc[:, ::-1] - mid) * step, 0.0)  # (col, row) = (x, y)
-    kept: list[np.ndarray] = []
-    for i in np.argsort(-np.asarray(prob, dtype=np.float64), kind="stable"):
-        if all(math.hypot(*(moved[i] - k)) > merge_mm for k in kept):
-            kept.append(moved[i])
-    return np.array(kept).reshape(-1, 2)
+    slack = stride_mm / math.sqrt(2)
+    claimed = np.zeros(len(pts), bool)
+    found, nearest = [], []
+    for n, r in on_slice:
+        d = np.hypot(pts[:, 0] - n.xyz[0], pts[:, 1] - n.xyz[1]) if len(pts) else np.zeros(0)
+        near = d <= max(r, slack)
+        found.append(bool(near.any()))
+        nearest.append(float(d.min()) if len(d) else math.inf)
+        claimed |= near
+    return {"nodules": len(on_slice), "found": int(sum(found)), "found_each": found, "nearest_mm": nearest,
+            "maxima": int(len(pts)), "false_maxima": int((~claimed).sum()),
+            "maxima_xy": pts.tolist(), "maxima_true": claimed.tolist()}
 
 
 def slide(model: nn.Module, scan: CTScan, spec: PatchSpec, z_mm: float, stride_mm: float, device: torch.device,
@@ -206,14 +164,13 @@ class SliceView:
     seriesuid: str
     view: dict[str, Any]
     on_slice: list[tuple[Nodule, float]]
-    score: dict[str, Any]  # the maxima placed by the heatmap (:func:`place_maxima`)
-    grid_score: dict[str, Any]  # the grid's own maxima
+    score: dict[str, Any]
 
 
 def nodule_details(sv: SliceView, stride_mm: float) -> list[dict[str, Any]]:
     """Why each nodule of a slice was found or missed: its diameter, the slice's distance from its
-    centre (``dz_mm``) and in-plane radius, the nearest placed and grid maximum (mm), and the
-    largest probability on the grid within its in-plane radius plus one grid step."""
+    centre (``dz_mm``) and in-plane radius, the nearest local maximum (mm), and the largest
+    probability on the grid within its in-plane radius plus one grid step."""
     v = sv.view
     gx, gy = np.meshgrid(v["xs"], v["ys"])
     out = []
@@ -223,8 +180,6 @@ def nodule_details(sv: SliceView, stride_mm: float) -> list[dict[str, Any]]:
         out.append({"diameter_mm": round(n.diameter_mm, 2), "dz_mm": round(abs(n.xyz[2] - v["z_mm"]), 2),
                     "radius_on_slice_mm": round(r, 2), "found": sv.score["found_each"][k],
                     "nearest_maximum_mm": round(sv.score["nearest_mm"][k], 2),
-                    "grid_found": sv.grid_score["found_each"][k],
-                    "grid_nearest_maximum_mm": round(sv.grid_score["nearest_mm"][k], 2),
                     "max_prob_near": round(float(p.max()), 3) if p.size else None})
     return out
 
@@ -248,12 +203,10 @@ def choose_slices(nodules: dict[str, list[Nodule]], n: int, seed: int = 0) -> li
 
 def slice_views(model: nn.Module, scans: dict[str, CTScan], nodules: dict[str, list[Nodule]], spec: PatchSpec,
                 picks: list[tuple[str, float]], *, stride_mm: float, threshold: float, device: torch.device,
-                progress: bool = False, heatmap_args: dict[str, Any] | None = None
-                ) -> tuple[list[SliceView], dict[str, Any]]:
-    """Slide, score and total the chosen slices. Totals of the maxima placed by the heatmap
-    (``heatmap_args`` for :func:`analysis.cams.maps.heatmaps`): ``slices``, ``nodules``,
-    ``found``, ``rate`` and ``ci95`` (the share found), ``false_maxima_per_slice``,
-    ``patches``; the same for the grid's own maxima under ``grid``."""
+                progress: bool = False) -> tuple[list[SliceView], dict[str, Any]]:
+    """Slide, score and total the chosen slices. Totals: ``slices``, ``nodules``, ``found``,
+    ``rate`` and ``ci95`` (the share found), ``false_maxima_per_slice``, ``patches``, and
+    ``per_slice`` (each slice's counts and :func:`nodule_details`)."""
     from tqdm import tqdm
 
     from analysis.cams.pointing import wilson
@@ -263,24 +216,17 @@ def slice_views(model: nn.Module, scans: dict[str, CTScan], nodules: dict[str, l
                        dynamic_ncols=True):
         v = slide(model, scans[uid], spec, z, stride_mm, device)
         on = nodules_on_slice(nodules.get(uid, []), z)
-        pts, probs = grid_points(v["prob"], v["valid"], v["xs"], v["ys"], threshold)
-        placed = place_maxima(model, scans[uid], spec, z, pts, probs, stride_mm, device, **(heatmap_args or {}))
-        views.append(SliceView(uid, v, on, score_points(placed, on, stride_mm), score_points(pts, on, stride_mm)))
-
-    def total(key: str) -> dict[str, Any]:
-        scores = [getattr(s, key) for s in views]
-        n_nod = sum(sc["nodules"] for sc in scores)
-        found = sum(sc["found"] for sc in scores)
-        return {"nodules": n_nod, "found": found, "rate": found / n_nod if n_nod else math.nan,
-                "ci95": wilson(found, n_nod),
-                "false_maxima_per_slice": float(np.mean([sc["false_maxima"] for sc in scores])) if views
-                else math.nan}
-
-    totals = {"slices": len(views), **total("score"), "maxima": "placed by the heatmap", "grid": total("grid_score"),
-              "patches": int(sum(s.view["patches"] for s in views)), "stride_mm": stride_mm, "threshold": threshold,
+        views.append(SliceView(uid, v, on, score_slice(v["prob"], v["valid"], v["xs"], v["ys"], on, stride_mm,
+                                                       threshold)))
+    n_nod = sum(s.score["nodules"] for s in views)
+    found = sum(s.score["found"] for s in views)
+    totals = {"slices": len(views), "nodules": n_nod, "found": found,
+              "rate": found / n_nod if n_nod else math.nan, "ci95": wilson(found, n_nod),
+              "false_maxima_per_slice": float(np.mean([s.score["false_maxima"] for s in views])) if views
+              else math.nan, "patches": int(sum(s.view["patches"] for s in views)), "stride_mm": stride_mm,
+              "threshold": threshold,
               "per_slice": [{"seriesuid": s.seriesuid, "z_mm": s.view["z_mm"],
                              **{k: s.score[k] for k in ("nodules", "found", "maxima", "false_maxima")},
-                             "grid": {k: s.grid_score[k] for k in ("found", "maxima", "false_maxima")},
                              "each_nodule": nodule_details(s, stride_mm)}
                             for s in views]}
     return views, totals

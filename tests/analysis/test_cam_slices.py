@@ -88,28 +88,3 @@ def test_grid_maxima_and_choose_slices():
     picks = choose_slices(nods, 3, seed=0)
     assert sorted(picks) == [("a", -5.0), ("a", 5.0), ("b", 1.0)]
     assert len(choose_slices(nods, 2, seed=0)) == 2 and {u for u, _ in choose_slices(nods, 2, seed=0)} == {"a", "b"}
-
-
-def test_maxima_placed_by_the_heatmap_move_onto_the_nodule_and_merge():
-    """Grid maxima a few millimetres off a nodule move to their patches' heatmap peaks (a blob
-    detector's Grad-CAM: on the nodule); points that land within the merge distance of a more
-    probable one merge into it; a point far from the nodule stays a false maximum."""
-    from analysis.cams.slices import place_maxima, score_points
-    from tests.analysis.test_cams import BlobNet
-
-    nodule = ((-40.0, 12.0, 0.0), 5.0)
-    scan = chest([nodule])
-    pts = np.array([[-34.0, 8.0], [-45.0, 15.0], [45.0, 0.0]])  # two near the nodule, one in the other lung
-    prob = np.array([0.6, 0.9, 0.7])
-    args = {"method": "gradcam", "layer": "body", "stride": 4.0}
-    on_slice = nodules_on_slice([Nodule("s", nodule[0], 10.0)], 0.0)
-    assert score_points(pts, on_slice, 3.0)["found"] == 0  # the grid's points miss the nodule
-
-    apart = place_maxima(BlobNet(), scan, PatchSpec(32, 24.0), 0.0, pts, prob, 0.0, torch.device("cpu"), **args)
-    assert apart.shape == (3, 2)  # no merging: taken in order of probability (0.9, 0.7, 0.6)
-    assert np.hypot(*(apart[0] - [-40.0, 12.0])) < 5.0 and np.hypot(*(apart[2] - [-40.0, 12.0])) < 5.0
-    assert np.hypot(*(apart[1] - [-40.0, 12.0])) > 60.0
-    merged = place_maxima(BlobNet(), scan, PatchSpec(32, 24.0), 0.0, pts, prob, 10.0, torch.device("cpu"), **args)
-    np.testing.assert_array_equal(merged, apart[:2])  # the 0.6 point landed within 10 mm of the 0.9 one
-    s = score_points(merged, on_slice, 3.0)
-    assert (s["found"], s["false_maxima"], s["maxima"]) == (1, 1, 2)
