@@ -170,7 +170,8 @@ class SliceView:
 def nodule_details(sv: SliceView, stride_mm: float) -> list[dict[str, Any]]:
     """Why each nodule of a slice was found or missed: its diameter, the slice's distance from its
     centre (``dz_mm``) and in-plane radius, the nearest local maximum (mm), and the largest
-    probability on the grid within its in-plane radius plus one grid step."""
+    probability on the grid within its in-plane radius plus one grid step (``None`` for a slice
+    without maxima)."""
     v = sv.view
     gx, gy = np.meshgrid(v["xs"], v["ys"])
     out = []
@@ -179,7 +180,7 @@ def nodule_details(sv: SliceView, stride_mm: float) -> list[dict[str, Any]]:
         p = np.nan_to_num(v["prob"], nan=0.0)[around]
         out.append({"diameter_mm": round(n.diameter_mm, 2), "dz_mm": round(abs(n.xyz[2] - v["z_mm"]), 2),
                     "radius_on_slice_mm": round(r, 2), "found": sv.score["found_each"][k],
-                    "nearest_maximum_mm": round(sv.score["nearest_mm"][k], 2),
+                    "nearest_maximum_mm": round(d, 2) if math.isfinite(d := sv.score["nearest_mm"][k]) else None,
                     "max_prob_near": round(float(p.max()), 3) if p.size else None})
     return out
 
