@@ -65,6 +65,9 @@ RUN_CONFIG = ('clients=2 rounds=2 arch="resnet10" image-size=32 local-epochs=1 b
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 SECRET_SUFFIXES = (".key", ".pem", ".crt", ".pub", ".p12", ".pfx", ".csr", ".der")
 SCAN_SUFFIXES = (".mhd", ".raw", ".mha", ".nii", ".nii.gz", ".dcm")
+# free disk a build of the two images needs: each is ~7 GB (PyPI's torch brings the CUDA
+# libraries) and pip unpacks into the build container's layer before it is committed
+BUILD_FREE_GB = 12.0
 
 
 class Failed(RuntimeError):
@@ -178,12 +181,48 @@ class E2E:
             mounts += ["-v", f"{p}:{p}:ro"]
         return mounts, path
 
+    def image_id(self, name: str) -> str | None:
+        proc = self.podman("image", "inspect", "--format", "{{.Id}}", name, check=False)
+        return (proc.stdout.strip() or None) if proc.returncode == 0 else None
+
+    def build_folders(self) -> list[Path]:
+        """Where a build writes: podman's image storage and the folder it stages builds in."""
+        root = self.podman("info", "--format", "{{.Store.GraphRoot}}").stdout.strip() or "/var/lib/containers"
+        return [Path(root), Path(os.environ.get("TMPDIR", "/var/tmp"))]
+
+    def check_space(self, need_gb: float, folders: list[Path]) -> None:
+        """Refuse to start a build that would fill the disk half-way (pip's "No space left on
+        device" deep in a build log), naming the folder and what frees room."""
+        seen: set[int] = set()
+        for folder in folders:
+            path = Path(folder)
+            while not path.exists():
+                path = path.parent
+            dev = path.stat().st_dev
+            if dev in seen:
+                continue
+            seen.add(dev)
+            free = shutil.disk_usage(path).free / 1e9
+            self.figures[f"free disk before the builds ({path})"] = f"{free:.1f} GB"
+            if free < need_gb:
+                raise Failed(f"only {free:.1f} GB free under {path} (podman's storage or build folder); the "
+                             f"server and hospital builds need about {need_gb:.0f} GB. Free room first: "
+                             "`podman image prune` removes superseded image versions, `podman rmi` old tags, "
+                             "or set TMPDIR / podman's graphroot to a larger disk")
+
     def build(self, target: str, tag: str, mounts: list[str], extra: list[str]) -> float:
         t0 = time.perf_counter()
+        old = self.image_id(tag)
         self.podman("build", "--format", "docker", "--network", "host", *mounts,
                     "--ignorefile", str(DOCKER / "Dockerfile.dockerignore"), "-f", str(DOCKER / "Dockerfile"),
                     "--target", target, "--build-arg", f"PYTHON_IMAGE={BASE}", *extra, "-t", tag, str(ROOT),
                     timeout=3600, name=f"build-{target}")
+        new = self.image_id(tag)
+        if old and old != new:
+            # the tag's previous version is now untagged: left, every rebuild would keep ~7 GB more.
+            # Not forced: podman keeps it if a container or another tag still uses it.
+            gone = self.podman("rmi", old, check=False).returncode == 0
+            log(f"{tag}: previous version {old[:12]} {'removed' if gone else 'kept (still in use)'}")
         return time.perf_counter() - t0
 
     def image_size(self, tag: str) -> int:
@@ -200,6 +239,7 @@ class E2E:
         if not build:
             self.figures["server and hospital images"] = "not built (--no-build)"
             return
+        self.check_space(BUILD_FREE_GB, self.build_folders())
         mounts, _ = self.pip_build_mounts()
         extra = []
         if os.environ.get("LUNAFL_TORCH_INDEX_URL"):  # e.g. a CPU-only torch index, given at run time

@@ -150,3 +150,19 @@ def test_the_end_to_end_script_uses_the_compose_file_as_it_is_but_for_the_gatewa
     cfg = RunConfig.from_dict({k.replace("-", "_"): tomllib.loads(f"v = {v}")["v"]
                                for k, v in ep.key_values("RUN_CONFIG", e2e.RUN_CONFIG)} | {"federation": "deployment"})
     assert cfg.rounds == 2 and cfg.clients == len(e2e.SITES) and cfg.arch == "resnet10" and not cfg.rehearsal()
+
+
+def test_the_end_to_end_script_refuses_a_build_the_disk_cannot_hold(tmp_path):
+    """A build that would run out of disk half-way is refused before it starts, naming the folder."""
+    import shutil
+
+    import pytest
+
+    e2e = docker_script("e2e/run")
+    run = e2e.E2E(tmp_path, tmp_path)
+    free = shutil.disk_usage(tmp_path).free / 1e9
+    missing = tmp_path / "not-yet" / "storage"  # podman's storage before its first image: its parent is measured
+    run.check_space(free / 2, [missing, tmp_path])  # the same disk twice: measured once
+    assert list(run.figures) == [f"free disk before the builds ({tmp_path})"]
+    with pytest.raises(e2e.Failed, match=rf"GB free under {re.escape(str(tmp_path))} .*need about"):
+        run.check_space(free * 2 + 1, [tmp_path])
