@@ -553,7 +553,9 @@ def cam_scores(cam_docs: dict[str, tuple[list[Path], dict]]) -> list[str]:
                "random position in the patch, or two nodules in one patch; 'called +' counts the patches the "
                "model still calls a nodule (analysis/cams/probes.py). Slice view: the classifier slid over whole "
                "axial slices through test nodules: the share of the nodules on those slices with a local maximum "
-               "of its probability inside, and the other maxima per slice "
+               "of its probability inside, and the other maxima per slice; beside it, how many of those "
+               "nodules the model calls on a patch centred on them (a nodule it misses there is the "
+               "classifier's miss, not the map's) and how many of those the slide finds "
                "(analysis/cams/slices.py).", "",
                "| run | method / layer | " + " | ".join(t for _, t in HEADLINE_COLUMNS)
                + " | slice view: nodules found / false maxima per slice | centred true positives (centre control) |",
@@ -566,6 +568,8 @@ def cam_scores(cam_docs: dict[str, tuple[list[Path], dict]]) -> list[str]:
             sl = sc.get("slices", {})
             slice_cell = (f"{sl['found']}/{sl['nodules']} ({fmt(sl['rate'])}) / {sl['false_maxima_per_slice']:.1f}"
                           if sl.get("nodules") else "n/a")
+            if sl.get("nodules") and "called_at_centre" in sl:  # cam.json files before 2026-12-07 lack it
+                slice_cell += f"; called at centre {sl['called_at_centre']}, found of those {sl['found_of_called']}"
             md.append(f"| {label} | {pg.get('method')} {pg.get('layer')} | " + " | ".join(cells) + f" | {slice_cell}"
                       + f" | {fmt(tp.get('axial'))} ({fmt(tp.get('centre_baseline', {}).get('axial'))}) |")
     return md

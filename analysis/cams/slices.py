@@ -15,7 +15,9 @@ of its centre: the grid cannot place a maximum closer than half a cell diagonal.
 such maximum is a *false maximum*. Reported: the share of nodules found (95% Wilson interval)
 and the false maxima per slice.
 
-Each nodule is listed with why it was found or missed (:func:`nodule_details`).
+Each nodule is listed with why it was found or missed (:func:`nodule_details`), beside the
+model's probability on a patch centred on the nodule itself (``p_at_centre``): a nodule the model
+does not call even there is the classifier's miss, not the map's; the totals count both.
 
 Research software on synthetic or public data; never for diagnosis.
 """
@@ -127,6 +129,17 @@ def score_slice(prob: np.ndarray, valid: np.ndarray, xs: np.ndarray, ys: np.ndar
             "maxima_xy": pts.tolist(), "maxima_true": claimed.tolist()}
 
 
+def patch_probs(model: nn.Module, scan: CTScan, centres: np.ndarray, spec: PatchSpec, device: torch.device,
+                batch: int = 64) -> np.ndarray:
+    """The model's probability on the patch centred at each (N, 3) world point, through the one
+    evaluation routine (:func:`common.training.engine.predict`), as for every test patch."""
+    if not len(centres):
+        return np.zeros(0, np.float64)
+    x = torch.from_numpy(to_float(extract(scan, np.asarray(centres, dtype=np.float64).reshape(-1, 3), spec)))
+    logits, _ = predict(model, DataLoader(TensorDataset(x, torch.zeros(len(x))), batch_size=batch), device)
+    return sigmoid(logits)
+
+
 def slide(model: nn.Module, scan: CTScan, spec: PatchSpec, z_mm: float, stride_mm: float, device: torch.device,
           batch: int = 64, step_mm: float | None = None) -> dict[str, Any]:
     """The model slid over the lung field of axial slice ``z_mm``: HU of the slice on a fine grid
@@ -147,10 +160,7 @@ def slide(model: nn.Module, scan: CTScan, spec: PatchSpec, z_mm: float, stride_m
     valid = lung[np.ix_(ri, ci)]
     gy, gx = np.nonzero(valid)
     centres = np.stack([xs[gx], ys[gy], np.full(len(gx), z_mm)], axis=1)
-    # the one evaluation routine (common.training.engine.predict), as for every test patch
-    x = torch.from_numpy(to_float(extract(scan, centres, spec)))
-    logits, _ = predict(model, DataLoader(TensorDataset(x, torch.zeros(len(x))), batch_size=batch), device)
-    probs = sigmoid(logits)
+    probs = patch_probs(model, scan, centres, spec, device, batch)
     prob = np.full(valid.shape, np.nan, np.float32)
     prob[gy, gx] = probs
     return {"hu": hu, "fine_x": fx, "fine_y": fy, "lung": lung, "prob": prob, "valid": valid, "xs": xs, "ys": ys,
@@ -171,7 +181,8 @@ def nodule_details(sv: SliceView, stride_mm: float) -> list[dict[str, Any]]:
     """Why each nodule of a slice was found or missed: its diameter, the slice's distance from its
     centre (``dz_mm``) and in-plane radius, the nearest local maximum (mm), and the largest
     probability on the grid within its in-plane radius plus one grid step (``None`` for a slice
-    without maxima)."""
+    without maxima), and the model's probability on a patch centred on the nodule (``p_at_centre``,
+    when the slice view measured it)."""
     v = sv.view
     gx, gy = np.meshgrid(v["xs"], v["ys"])
     out = []
@@ -181,7 +192,9 @@ def nodule_details(sv: SliceView, stride_mm: float) -> list[dict[str, Any]]:
         out.append({"diameter_mm": round(n.diameter_mm, 2), "dz_mm": round(abs(n.xyz[2] - v["z_mm"]), 2),
                     "radius_on_slice_mm": round(r, 2), "found": sv.score["found_each"][k],
                     "nearest_maximum_mm": round(d, 2) if math.isfinite(d := sv.score["nearest_mm"][k]) else None,
-                    "max_prob_near": round(float(p.max()), 3) if p.size else None})
+                    "max_prob_near": round(float(p.max()), 3) if p.size else None,
+                    "p_at_centre": (round(float(sv.score["p_at_centre"][k]), 3) if "p_at_centre" in sv.score
+                                    else None)})
     return out
 
 
@@ -217,14 +230,23 @@ def slice_views(model: nn.Module, scans: dict[str, CTScan], nodules: dict[str, l
                        dynamic_ncols=True):
         v = slide(model, scans[uid], spec, z, stride_mm, device)
         on = nodules_on_slice(nodules.get(uid, []), z)
-        views.append(SliceView(uid, v, on, score_slice(v["prob"], v["valid"], v["xs"], v["ys"], on, stride_mm,
-                                                       threshold)))
+        score = score_slice(v["prob"], v["valid"], v["xs"], v["ys"], on, stride_mm, threshold)
+        score["p_at_centre"] = patch_probs(model, scans[uid], np.array([n.xyz for n, _ in on]), spec, device).tolist()
+        views.append(SliceView(uid, v, on, score))
     n_nod = sum(s.score["nodules"] for s in views)
     found = sum(s.score["found"] for s in views)
+    called = [(p >= threshold, f) for s in views for p, f in zip(s.score["p_at_centre"], s.score["found_each"],
+                                                                 strict=True)]
     totals = {"slices": len(views), "nodules": n_nod, "found": found,
               "rate": found / n_nod if n_nod else math.nan, "ci95": wilson(found, n_nod),
               "false_maxima_per_slice": float(np.mean([s.score["false_maxima"] for s in views])) if views
-              else math.nan, "patches": int(sum(s.view["patches"] for s in views)), "stride_mm": stride_mm,
+              else math.nan,
+              # the classifier's own share: nodules it calls on a patch centred on them, and how many of
+              # those the slide finds (a nodule not called there is the classifier's miss, not the map's)
+              "called_at_centre": int(sum(c for c, _ in called)),
+              "found_of_called": int(sum(c and f for c, f in called)),
+              "found_not_called": int(sum(f and not c for c, f in called)),
+              "patches": int(sum(s.view["patches"] for s in views)), "stride_mm": stride_mm,
               "threshold": threshold,
               "per_slice": [{"seriesuid": s.seriesuid, "z_mm": s.view["z_mm"],
                              **{k: s.score[k] for k in ("nodules", "found", "maxima", "false_maxima")},

@@ -8,7 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from analysis.cams.slices import choose_slices, grid_maxima, lung_mask, nodules_on_slice, score_slice, slide
+from analysis.cams.slices import (
+    choose_slices,
+    grid_maxima,
+    lung_mask,
+    nodules_on_slice,
+    patch_probs,
+    score_slice,
+    slide,
+)
 from common.data.luna16 import CTScan, Geometry, Nodule
 from common.data.patches import PatchSpec
 
@@ -72,6 +80,16 @@ def test_sliding_the_classifier_finds_the_nodule_on_its_slice_and_no_false_maxim
     up = slide(CentreBrightness(), scan, PatchSpec(32, 24.0), 12.0, 3.0, torch.device("cpu"))
     s_up = score_slice(up["prob"], up["valid"], up["xs"], up["ys"], nodules_on_slice(nods, 12.0), 3.0, 0.5)
     assert (s_up["nodules"], s_up["found"]) == (1, 1)
+
+
+def test_the_models_own_call_on_a_patch_centred_on_a_nodule():
+    """What splits a slice view's misses into the classifier's and the map's: the probability on
+    the patch centred on the nodule itself (and on lung beside it)."""
+    scan = chest([((-40.0, 12.0, 0.0), 5.0)])
+    spec, cpu = PatchSpec(32, 24.0), torch.device("cpu")
+    p = patch_probs(CentreBrightness(), scan, np.array([[-40.0, 12.0, 0.0], [-50.0, -20.0, 0.0]]), spec, cpu)
+    assert p.shape == (2,) and p[0] == pytest.approx(0.62, abs=0.03) and p[1] < 0.01
+    assert patch_probs(CentreBrightness(), scan, np.zeros((0, 3)), spec, cpu).shape == (0,)
 
 
 def test_grid_maxima_and_choose_slices():

@@ -251,6 +251,11 @@ def test_explain_run_writes_the_grid_and_scores(tiny_run):
     assert sl["found"] == sum(s["found"] for s in sl["per_slice"]) and sl["rate"] == sl["found"] / sl["nodules"]
     each = [d for s in sl["per_slice"] for d in s["each_nodule"]]  # why each was found or missed
     assert len(each) == sl["nodules"] and sum(d["found"] for d in each) == sl["found"]
+    # the classifier's own call on a patch centred on each nodule, and the totals that split misses by it
+    called = [d["p_at_centre"] >= sl["threshold"] for d in each]
+    assert all(0.0 <= d["p_at_centre"] <= 1.0 for d in each) and sl["called_at_centre"] == sum(called)
+    assert sl["found_of_called"] + sl["found_not_called"] == sl["found"]
+    assert sl["found_of_called"] == sum(c and d["found"] for c, d in zip(called, each, strict=True))
     for d in each:  # found exactly when a maximum lies within the in-plane radius (or half a grid diagonal)
         reach = max(d["radius_on_slice_mm"], sl["stride_mm"] / 2**0.5)
         assert d["dz_mm"] < d["diameter_mm"] / 2

@@ -349,6 +349,11 @@ def test_the_cam_section_leads_with_the_off_centre_scores_beside_their_best_cont
     assert cells[6] == "n/a" and cells[7] == "n/a" and cells[8] == "1.000 (1.000)"
     central = [c.strip() for c in next(line for line in md if line.startswith("| central |")).strip("|").split("|")]
     assert central[7] == "3/4 (0.750) / 2.3"
+    # with the classifier's own calls at the nodules' centres (cam.json since 2026-12-07)
+    newer = {**slices, "called_at_centre": 2, "found_of_called": 2, "found_not_called": 1}
+    md = cam_scores({"central": ([], {**doc, "slices": newer})})
+    row = next(line for line in md if line.startswith("| central |"))
+    assert row.split("|")[8].strip() == "3/4 (0.750) / 2.3; called at centre 2, found of those 2"
     assert cam_scores({}) == []
 
 
