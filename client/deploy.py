@@ -41,12 +41,14 @@ def deployed_site(cfg: RunConfig, node: Mapping[str, object]) -> SiteData:
         raise SiteError(f"[site {name}] data-path {data_path} is not a folder on this node")
     cache_path = Path(str(node.get("cache-path", default_home() / "site-cache")))
     key = (name, str(data_path), str(cache_path), cfg.fingerprint("image_size", "fov_mm", "hu_min", "hu_max",
-                                                                  "max_neg_per_scan", "seed", "val_fraction"))
+                                                                  "max_neg_per_scan", "seed", "val_fraction",
+                                                                  "augment_offsets", "augment_offset_mm"))
     def build() -> SiteData:
         luna = load_luna16(data_path)
         on_bad = str(node.get("on-bad-scan", cfg.on_bad_scan))  # the hospital may decide for its own data
         cache = build_cache(luna, patch_spec(cfg), cache_path, workers=cfg.workers, on_bad_scan=on_bad,
-                            max_neg_per_scan=cfg.max_neg_per_scan, seed=cfg.seed, progress=False)
+                            max_neg_per_scan=cfg.max_neg_per_scan, seed=cfg.seed,
+                            offset_copies=cfg.augment_offsets, offset_mm=cfg.augment_offset_mm, progress=False)
         train, val = split_site(cache.scan_ids(), cfg)
         state = Path(str(node.get("state-path", cache_path / "state")))
         return SiteData(name, cache, cache.rows_of(train), cache.rows_of(val), state,

@@ -102,6 +102,11 @@ class RunConfig:
     augment_shift_mm: float = _f(3.0, "largest shift of a training patch along each in-plane axis, in mm (0: "
                                  "none; 3: the candidate detector's error; larger moves nodules off centre, label "
                                  "kept: a nodule's centre stays inside the patch up to half the field of view)")
+    augment_offsets: int = _f(0, "cut every positive K more times at a true 3D offset (its three planes re-read "
+                              "from the volume; uniform in a ball of --augment-offset-mm) and train on one of its "
+                              "K + 1 cuts at random each time; the in-plane shift moves the three planes alike, "
+                              "which no real offset does (0: off; the cache grows by K x the positives)")
+    augment_offset_mm: float = _f(3.0, "radius of --augment-offsets' offsets, in mm")
     # --- model --------------------------------------------------------------------
     arch: str = _f("resnet50", "torchvision ResNet with a one-logit head", choices=ARCHS)
     norm: str = _f("batch", "normalisation layers: batch (reference) or group (forced by --dp local)",
@@ -215,6 +220,11 @@ class RunConfig:
             problems.append(f"--server-lr must be >= 0 (0 = the strategy's default), got {self.server_lr}")
         if not 0.0 <= self.server_momentum < 1.0:
             problems.append(f"--server-momentum must be in [0, 1), got {self.server_momentum}")
+        if not 0 <= self.augment_offsets <= 64:
+            problems.append(f"--augment-offsets must be in [0, 64], got {self.augment_offsets}")
+        if self.augment_offsets and not 0 < self.augment_offset_mm < self.fov_mm / 2:
+            problems.append(f"--augment-offset-mm must be in (0, fov-mm / 2 = {self.fov_mm / 2:g}), got "
+                            f"{self.augment_offset_mm}")
         if not 0 <= self.augment_shift_mm < self.fov_mm / 2:
             problems.append(f"--augment-shift-mm must be in [0, fov-mm / 2 = {self.fov_mm / 2:g}) so that a "
                             f"shifted nodule's centre stays in the patch, got {self.augment_shift_mm}")
@@ -379,7 +389,7 @@ _DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(RunConfig)}
 GROUPS: dict[str, tuple[str, ...]] = {
     "training": ("rounds", "local_epochs", "batch_size", "optimizer", "lr", "momentum", "train_params",
                  "weight_decay", "lr_schedule", "warmup_passes", "site_optimizer", "fedbn", "neg_ratio", "augment",
-                 "augment_shift_mm", "arch", "norm", "device", "amp", "seed"),
+                 "augment_shift_mm", "augment_offsets", "augment_offset_mm", "arch", "norm", "device", "amp", "seed"),
     "data": ("image_size", "fov_mm", "hu_min", "hu_max", "max_neg_per_scan", "workers", "on_bad_scan",
              "val_fraction"),
     "federation": ("strategy", "proximal_mu", "update_dtype"),  # what a site's training depends on

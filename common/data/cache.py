@@ -6,6 +6,14 @@ seriesuid, subset, coordX, coordY, coordZ, label) and ``meta.json`` (settings, c
 skipped scans). The key hashes the preprocessing settings and the data set's identity,
 so changing the window or the size makes a new cache.
 
+Offset copies (``--augment-offsets K``): every positive candidate is also cut K times at a
+true 3D offset (uniform in a ball of ``--augment-offset-mm``), its three planes re-read from the
+volume, so training sees a nodule off the patch centre as a candidate detector's error leaves
+it. The in-plane roll of the augmentation moves all three planes alike, which is no 3D shift: a
+small nodule leaves the coronal and sagittal planes of a truly offset patch, never of a rolled
+one. The copies sit after the candidates in ``patches.u8`` and are listed in ``copies.csv``
+(row, of_row, dx, dy, dz); only training reads them (:mod:`common.data.loaders`).
+
 Atomicity: a cache is built in ``<key>.tmp-<pid>`` and renamed into place only when
 complete; a folder without a complete ``meta.json`` or with a patch file of the wrong
 size is never trusted and gets rebuilt.
@@ -32,6 +40,7 @@ from common.data.patches import PatchSpec, extract
 
 log = logging.getLogger(__name__)
 INDEX_COLUMNS = ("row", "seriesuid", "subset", "coordX", "coordY", "coordZ", "label")
+COPY_COLUMNS = ("row", "of_row", "dx", "dy", "dz")
 
 
 @dataclass
@@ -47,9 +56,20 @@ class PatchCache:
     row: np.ndarray  # (N,) int64, row in the patch file
     patches: np.ndarray  # memmap (rows, 3, S, S) uint8
     meta: dict
+    # offset copies of positives: for index position p, file rows copy_rows[copy_start[p]:copy_start[p + 1]]
+    copy_rows: np.ndarray | None = None
+    copy_start: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.label)
+
+    def read_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Patches at file rows (a copy; one sorted gather on the memory map)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        order = np.argsort(rows, kind="stable")
+        out = np.empty((len(rows), *self.patches.shape[1:]), dtype=np.uint8)
+        out[order] = self.patches[rows[order]]
+        return out
 
     def rows_of(self, scan_ids: set[str] | list[str]) -> np.ndarray:
         """Positions (into the index) of every candidate of the given scans."""
@@ -57,11 +77,7 @@ class PatchCache:
 
     def get(self, positions: np.ndarray) -> np.ndarray:
         """Patches at index positions (a copy; sorted reads are faster on a memory map)."""
-        rows = self.row[positions]
-        order = np.argsort(rows, kind="stable")
-        out = np.empty((len(rows), *self.patches.shape[1:]), dtype=np.uint8)
-        out[order] = self.patches[rows[order]]
-        return out
+        return self.read_rows(self.row[positions])
 
     def scan_ids(self) -> list[str]:
         return sorted(set(self.seriesuid.tolist()))
@@ -80,9 +96,12 @@ def dataset_fingerprint(luna: Luna16) -> dict:
     return {"root": str(luna.root.resolve()), "files": h.hexdigest()[:16], "scans": len(luna.scans)}
 
 
-def cache_key(luna: Luna16, spec: PatchSpec, max_neg_per_scan: int = 0, seed: int = 0) -> str:
+def cache_key(luna: Luna16, spec: PatchSpec, max_neg_per_scan: int = 0, seed: int = 0, offset_copies: int = 0,
+              offset_mm: float = 3.0) -> str:
     d = {"data": dataset_fingerprint(luna), "spec": spec.key(), "max_neg": max_neg_per_scan,
          "seed": seed if max_neg_per_scan else 0}
+    if offset_copies:  # a cache without copies keeps the key it always had
+        d["offsets"] = [offset_copies, float(offset_mm)]
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -114,9 +133,39 @@ def open_cache(path: Path) -> PatchCache:
             labels.append(int(rec["label"]))
     if len(rows) != int(meta["rows_valid"]):
         raise DataError(f"{path / 'index.csv'}: {len(rows)} rows, meta.json says {meta['rows_valid']}")
+    row = np.array(rows, dtype=np.int64)
+    copy_rows = copy_start = None
+    if meta.get("offset_copies"):
+        copy_rows, copy_start = _open_copies(path, meta, row, rows_total)
     return PatchCache(path, spec, np.array(uids, dtype=object), np.array(subs, dtype=np.int16),
                       np.array(xyz, dtype=np.float64).reshape(-1, 3), np.array(labels, dtype=np.int8),
-                      np.array(rows, dtype=np.int64), patches, meta)
+                      row, patches, meta, copy_rows, copy_start)
+
+
+def _open_copies(path: Path, meta: dict, row: np.ndarray, rows_total: int) -> tuple[np.ndarray, np.ndarray]:
+    """copies.csv as file rows grouped by index position (CSR: copy_rows, copy_start)."""
+    of_pos = np.full(rows_total, -1, dtype=np.int64)
+    of_pos[row] = np.arange(len(row))
+    with open(path / "copies.csv", newline="") as fh:
+        recs = [(int(r["row"]), int(r["of_row"])) for r in csv.DictReader(fh)]
+    if len(recs) != int(meta["copies_valid"]):
+        raise DataError(f"{path / 'copies.csv'}: {len(recs)} rows, meta.json says {meta['copies_valid']}")
+    c_rows = np.array([r for r, _ in recs], dtype=np.int64)
+    of_rows = np.array([o for _, o in recs], dtype=np.int64)
+    if ((of_rows < 0) | (of_rows >= rows_total) | (c_rows < len(row)) | (c_rows >= rows_total)).any() or (
+            of_pos[of_rows] < 0).any():
+        raise DataError(f"{path / 'copies.csv'}: a copy names a row outside the cache; the cache is damaged")
+    c_pos = of_pos[of_rows]
+    order = np.argsort(c_pos, kind="stable")
+    start = np.searchsorted(c_pos[order], np.arange(len(row) + 1))
+    return c_rows[order], start.astype(np.int64)
+
+
+def offsets_in_ball(rng: np.random.Generator, n: int, radius_mm: float) -> np.ndarray:
+    """``n`` offsets (mm; x, y, z) uniform in a ball of ``radius_mm``."""
+    v = rng.normal(size=(n, 3))
+    v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+    return v * radius_mm * rng.random((n, 1)) ** (1 / 3)
 
 
 def _select_rows(luna: Luna16, max_neg_per_scan: int, seed: int) -> np.ndarray:
@@ -140,16 +189,17 @@ def _select_rows(luna: Luna16, max_neg_per_scan: int, seed: int) -> np.ndarray:
 
 def _build_scan(job: tuple) -> tuple[str, str | None, int]:
     """Worker: read one scan and write its patches into the shared patch file."""
-    uid, mhd, first_row, centres, pfile, shape, spec = job
+    uid, mhd, first_row, centres, pfile, shape, spec, copy_first, copy_centres = job
     try:
         scan = read_scan(Path(mhd), uid)
-        patches = extract(scan, centres, spec)
+        patches = extract(scan, np.concatenate([centres, copy_centres]), spec)
     except DataError as exc:
         return uid, str(exc), 0
     except Exception as exc:  # noqa: BLE001 - reported per scan, by name, to the caller
         return uid, f"{mhd}: {type(exc).__name__}: {exc}", 0
     mm = np.memmap(pfile, dtype=np.uint8, mode="r+", shape=shape)
-    mm[first_row: first_row + len(patches)] = patches
+    mm[first_row: first_row + len(centres)] = patches[:len(centres)]
+    mm[copy_first: copy_first + len(copy_centres)] = patches[len(centres):]
     mm.flush()
     del mm
     return uid, None, len(patches)
@@ -171,14 +221,18 @@ def _clean_stale(root: Path) -> None:
 
 
 def build_cache(luna: Luna16, spec: PatchSpec, cache_root: Path | str, *, workers: int = 1,
-                on_bad_scan: str = "skip", max_neg_per_scan: int = 0, seed: int = 0,
-                progress: bool = True) -> PatchCache:
-    """Open the cache for these settings, building it first if needed."""
+                on_bad_scan: str = "skip", max_neg_per_scan: int = 0, seed: int = 0, offset_copies: int = 0,
+                offset_mm: float = 3.0, progress: bool = True) -> PatchCache:
+    """Open the cache for these settings, building it first if needed; ``offset_copies`` K > 0
+    also cuts every positive K times at a seeded offset within ``offset_mm`` (the module docstring)."""
     if on_bad_scan not in ("skip", "fail"):
         raise ValueError(f"--on-bad-scan {on_bad_scan!r}: choose skip or fail")
+    if offset_copies < 0 or (offset_copies and offset_mm <= 0):
+        raise ValueError(f"--augment-offsets {offset_copies} / --augment-offset-mm {offset_mm}: need K >= 0 and, "
+                         "with copies, a radius > 0")
     cache_root = Path(cache_root)
     cache_root.mkdir(parents=True, exist_ok=True)
-    key = cache_key(luna, spec, max_neg_per_scan, seed)
+    key = cache_key(luna, spec, max_neg_per_scan, seed, offset_copies, offset_mm)
     final = cache_root / key
     if final.exists():
         try:
@@ -199,7 +253,10 @@ def build_cache(luna: Luna16, spec: PatchSpec, cache_root: Path | str, *, worker
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     pfile = tmp / "patches.u8"
-    shape = (len(rows), 3, spec.size, spec.size)
+    # offset copies of the positives, after all candidates, grouped by scan in the same order
+    copy_of = np.repeat(np.flatnonzero(cand.label[rows] == 1), offset_copies)  # file rows of the originals
+    copy_offsets = offsets_in_ball(np.random.default_rng([seed, offset_copies, 20261207]), len(copy_of), offset_mm)
+    shape = (len(rows) + len(copy_of), 3, spec.size, spec.size)
     with open(pfile, "wb") as fh:
         fh.truncate(int(np.prod(shape)))
     jobs, first = [], {}
@@ -209,7 +266,10 @@ def build_cache(luna: Luna16, spec: PatchSpec, cache_root: Path | str, *, worker
     for a, b in zip(boundaries[:-1], boundaries[1:], strict=True):
         uid = uids_sorted[a]
         first[uid] = (a, b)
-        jobs.append((uid, str(luna.scans[uid].path), int(a), cand.xyz[rows[a:b]], str(pfile), shape, spec))
+        ca, cb = np.searchsorted(copy_of, [a, b])  # this scan's copies
+        centres = cand.xyz[rows[copy_of[ca:cb]]] + copy_offsets[ca:cb]
+        jobs.append((uid, str(luna.scans[uid].path), int(a), cand.xyz[rows[a:b]], str(pfile), shape, spec,
+                     len(rows) + int(ca), centres))
         start = b
     assert start == len(rows)
 
@@ -246,10 +306,21 @@ def build_cache(luna: Luna16, spec: PatchSpec, cache_root: Path | str, *, worker
                 continue
             x, y, z = cand.xyz[r]
             w.writerow([pos, uid, luna.scans[uid].subset, f"{x:.4f}", f"{y:.4f}", f"{z:.4f}", int(cand.label[r])])
+    n_copies = 0
+    if offset_copies:
+        with open(tmp / "copies.csv", "w", newline="") as fh:
+            w = csv.writer(fh, lineterminator="\n")
+            w.writerow(COPY_COLUMNS)
+            for k, (of, (dx, dy, dz)) in enumerate(zip(copy_of, copy_offsets, strict=True)):
+                if cand.seriesuid[rows[of]] not in bad:
+                    w.writerow([len(rows) + k, int(of), repr(float(dx)), repr(float(dy)), repr(float(dz))])
+                    n_copies += 1
     n_valid = int(sum(b - a for uid, (a, b) in first.items() if uid not in bad))
     meta = {
         "complete": True, "key": key, "spec": spec.key(), "data": dataset_fingerprint(luna),
-        "max_neg_per_scan": max_neg_per_scan, "rows_total": len(rows), "rows_valid": n_valid,
+        "max_neg_per_scan": max_neg_per_scan, "rows_total": len(rows) + len(copy_of), "rows_valid": n_valid,
+        "offset_copies": offset_copies, "offset_mm": float(offset_mm) if offset_copies else 0.0,
+        "copies_valid": n_copies,
         "scans": len(jobs) - len(bad), "skipped_scans": bad, "build_seconds": round(seconds, 2),
         "patches_per_second": round(done / max(seconds, 1e-9), 1),
     }

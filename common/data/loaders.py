@@ -57,7 +57,10 @@ def shift_pixels(spec: PatchSpec, shift_mm: float) -> int:
 
 
 class PatchDataset(Dataset):
-    """Patches at ``positions`` of the cache index (uint8 in the cache, float here)."""
+    """Patches at ``positions`` of the cache index (uint8 in the cache, float here). With
+    ``augment`` and a cache holding offset copies (``--augment-offsets K``), a positive is read
+    from one of its K + 1 cuts (the centred one or a copy at a true 3D offset), drawn uniformly
+    each time; the flips, rotations and in-plane shifts then apply as to every patch."""
 
     def __init__(self, cache: PatchCache, positions: np.ndarray, *, augment: bool = False,
                  seed: int = 0, shift_mm: float = 3.0) -> None:
@@ -71,15 +74,29 @@ class PatchDataset(Dataset):
     def __len__(self) -> int:
         return len(self.positions)
 
+    def rows(self, positions: np.ndarray) -> np.ndarray:
+        """File rows to read for these positions: their own, or (training with offset copies) a
+        uniformly drawn one of each positive's cuts. Draws nothing from the generator when the
+        cache has no copies, so runs without them are what they always were."""
+        rows = self.cache.row[positions]
+        if not self.augment or self.cache.copy_rows is None:
+            return rows
+        start, stop = self.cache.copy_start[positions], self.cache.copy_start[positions + 1]
+        pick = self.rng.integers(0, stop - start + 1)  # 0 .. K: K = the centred cut itself
+        use = pick < stop - start
+        rows = rows.copy()
+        rows[use] = self.cache.copy_rows[start[use] + pick[use]]
+        return rows
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.cache.patches[self.cache.row[self.positions[i]]][None]
+        x = self.cache.read_rows(self.rows(self.positions[i:i + 1]))
         if self.augment:
             x = augment(x, self.rng, self.max_shift)
         return torch.from_numpy(to_float(np.ascontiguousarray(x[0]))), torch.tensor(self.labels[i])
 
     def __getitems__(self, idx: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         # Batched read: one sorted memmap gather instead of one read per sample.
-        x = self.cache.get(self.positions[np.asarray(idx)])
+        x = self.cache.read_rows(self.rows(self.positions[np.asarray(idx)]))
         if self.augment:
             x = augment(x, self.rng, self.max_shift)
         x = to_float(np.ascontiguousarray(x))

@@ -69,7 +69,8 @@ def prepare(cfg: RunConfig, progress: bool = True) -> Prepared:
     root = resolve_root(cfg, progress)
     luna = load_luna16(root)
     cache = build_cache(luna, patch_spec(cfg), cfg.cache_root(), workers=cfg.workers, on_bad_scan=cfg.on_bad_scan,
-                        max_neg_per_scan=cfg.max_neg_per_scan, seed=cfg.seed, progress=progress)
+                        max_neg_per_scan=cfg.max_neg_per_scan, seed=cfg.seed, offset_copies=cfg.augment_offsets,
+                        offset_mm=cfg.augment_offset_mm, progress=progress)
     infos = scan_infos(cache.seriesuid, cache.subset, cache.label, luna.metadata)
     if cfg.federation == "deployment":
         tests = set(cfg.test_subset_list())

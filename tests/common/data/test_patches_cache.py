@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 
@@ -156,3 +157,61 @@ def test_negative_cap_keeps_every_positive(tiny_root, tmp_path):
     assert cache.label.sum() == luna.candidates.label.sum()
     for uid in set(cache.seriesuid):
         assert ((cache.seriesuid == uid) & (cache.label == 0)).sum() <= 3
+
+
+def test_offset_copies_are_true_3d_cuts_of_every_positive_and_training_draws_among_them(tiny_root, tmp_path):
+    """--augment-offsets: each positive is cut K more times at a seeded offset within the radius,
+    its planes re-read from the volume (not the centred patch moved); training reads one of the
+    K + 1 cuts at random, evaluation only the centred one, and without copies nothing changes."""
+    from common.data.loaders import PatchDataset
+    from common.data.patches import extract
+
+    luna = load_luna16(tiny_root)
+    spec = PatchSpec(size=16, fov_mm=32.0)
+    plain = build_cache(luna, spec, tmp_path, progress=False)
+    k, radius = 3, 2.5
+    cache = build_cache(luna, spec, tmp_path, offset_copies=k, offset_mm=radius, progress=False)
+    assert cache.path != plain.path and plain.copy_rows is None  # its own key; the plain cache kept its own
+    assert cache_key(luna, spec) == plain.path.name and cache_key(luna, spec, offset_copies=k, offset_mm=radius) \
+        == cache.path.name
+    np.testing.assert_array_equal(cache.get(np.arange(len(cache))), plain.get(np.arange(len(plain))))
+    n_copies = np.diff(cache.copy_start)
+    assert (n_copies[cache.label == 1] == k).all() and (n_copies[cache.label == 0] == 0).all()
+    assert cache.meta["copies_valid"] == k * int(cache.label.sum()) == len(cache.copy_rows)
+    with open(cache.path / "copies.csv", newline="") as fh:
+        copies = {int(r["row"]): r for r in csv.DictReader(fh)}
+    pos = int(np.flatnonzero(cache.label == 1)[0])
+    scan = read_scan(luna.scans[cache.seriesuid[pos]].path, cache.seriesuid[pos])
+    rows = cache.copy_rows[cache.copy_start[pos]:cache.copy_start[pos + 1]]
+    offsets = np.array([[float(copies[int(r)][c]) for c in ("dx", "dy", "dz")] for r in rows])
+    assert (np.linalg.norm(offsets, axis=1) <= radius + 1e-3).all() and (np.abs(offsets) > 1e-3).any()
+    want = extract(scan, cache.xyz[pos] + offsets, spec).astype(int)  # re-cut at the offset centres
+    diff = np.abs(cache.read_rows(rows).astype(int) - want)  # index.csv keeps 4 decimals of the centre: rounding
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+    assert not np.array_equal(cache.read_rows(rows[:1]), cache.get(np.array([pos])))
+    # training draws among the cuts; evaluation and a cache without copies read the centred patch
+    positions = np.flatnonzero(cache.label == 1)
+    train = PatchDataset(cache, np.repeat(positions, 50), augment=True, seed=1)
+    drawn = train.rows(train.positions)
+    assert set(np.unique(drawn)) <= set(cache.row[positions]) | set(cache.copy_rows.tolist())
+    share = np.isin(drawn, cache.copy_rows).mean()
+    assert abs(share - k / (k + 1)) < 0.1
+    items = train.__getitems__([0, 1, 2])  # what the training loader reads, batched and one by one
+    assert len(items) == 3 and items[0][0].shape == train[0][0].shape == (3, 16, 16) and float(items[0][1]) == 1.0
+    assert (PatchDataset(cache, positions).rows(positions) == cache.row[positions]).all()
+    a, b = PatchDataset(plain, positions, augment=True, seed=4), PatchDataset(plain, positions, augment=True, seed=4)
+    assert (a.rows(positions) == plain.row[positions]).all() and a.rng.random() == b.rng.random()  # no draw made
+    # a damaged copy list is refused, naming the file
+    (cache.path / "copies.csv").write_text("row,of_row,dx,dy,dz\n")
+    with pytest.raises(DataError, match="copies.csv"):
+        open_cache(cache.path)
+
+
+def test_offset_copies_settings_are_checked():
+    from common.config import RunConfig
+
+    with pytest.raises(ValueError, match="--augment-offsets must be in"):
+        RunConfig(augment_offsets=-1)
+    with pytest.raises(ValueError, match="--augment-offset-mm must be in"):
+        RunConfig(augment_offsets=2, augment_offset_mm=0.0)
+    assert RunConfig(augment_offsets=2).augment_offset_mm == 3.0
