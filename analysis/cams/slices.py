@@ -17,7 +17,12 @@ and the false maxima per slice.
 
 Each nodule is listed with why it was found or missed (:func:`nodule_details`), beside the
 model's probability on a patch centred on the nodule itself (``p_at_centre``): a nodule the model
-does not call even there is the classifier's miss, not the map's; the totals count both.
+does not call even there is the classifier's miss, not the map's; the totals count both. And
+how the model holds a nodule one grid step off the patch centre (``p_offset``: the median over
+the four in-plane directions of a patch truly centred there, its planes re-cut from the volume)
+against the centred patch moved the same step by the training's own shift (``p_rolled``:
+:func:`common.data.loaders.shift_planes`, which moves all three planes alike): the grid's
+points sit up to half a step off each nodule.
 
 Research software on synthetic or public data; never for diagnosis.
 """
@@ -34,7 +39,7 @@ from scipy import ndimage
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.data.loaders import to_float
+from common.data.loaders import shift_planes, to_float
 from common.data.luna16 import CTScan, Nodule
 from common.data.patches import PatchSpec, extract
 from common.evaluation.metrics import sigmoid
@@ -140,6 +145,26 @@ def patch_probs(model: nn.Module, scan: CTScan, centres: np.ndarray, spec: Patch
     return sigmoid(logits)
 
 
+def offset_probs(model: nn.Module, scan: CTScan, centres: np.ndarray, spec: PatchSpec, step_mm: float,
+                 device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Per centre: the median probability over the four in-plane directions (+-x, +-y) of a
+    patch whose centre is moved ``step_mm`` (re-cut from the volume), and of the centred patch
+    moved by as many pixels with the training's shift (:func:`shift_planes`)."""
+    centres = np.asarray(centres, dtype=np.float64).reshape(-1, 3)
+    if not len(centres):
+        return np.zeros(0), np.zeros(0)
+    dirs = np.array([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0]], dtype=np.float64)
+    true = patch_probs(model, scan, (centres[:, None, :] + step_mm * dirs[None]).reshape(-1, 3), spec, device)
+    px = int(round(step_mm * spec.size / spec.fov_mm))
+    # the same four moves in pixels (a symmetric set: the medians need no pairing with the directions)
+    moves = [(0, px), (0, -px), (px, 0), (-px, 0)]
+    centred = extract(scan, centres, spec)
+    rolled = np.stack([shift_planes(p.copy(), dy, dx) for p in centred for dy, dx in moves])
+    x = torch.from_numpy(to_float(rolled))
+    logits, _ = predict(model, DataLoader(TensorDataset(x, torch.zeros(len(x))), batch_size=64), device)
+    return np.median(true.reshape(-1, 4), axis=1), np.median(sigmoid(logits).reshape(-1, 4), axis=1)
+
+
 def slide(model: nn.Module, scan: CTScan, spec: PatchSpec, z_mm: float, stride_mm: float, device: torch.device,
           batch: int = 64, step_mm: float | None = None) -> dict[str, Any]:
     """The model slid over the lung field of axial slice ``z_mm``: HU of the slice on a fine grid
@@ -193,8 +218,8 @@ def nodule_details(sv: SliceView, stride_mm: float) -> list[dict[str, Any]]:
                     "radius_on_slice_mm": round(r, 2), "found": sv.score["found_each"][k],
                     "nearest_maximum_mm": round(d, 2) if math.isfinite(d := sv.score["nearest_mm"][k]) else None,
                     "max_prob_near": round(float(p.max()), 3) if p.size else None,
-                    "p_at_centre": (round(float(sv.score["p_at_centre"][k]), 3) if "p_at_centre" in sv.score
-                                    else None)})
+                    **{key: (round(float(sv.score[key][k]), 3) if key in sv.score else None)
+                       for key in ("p_at_centre", "p_offset", "p_rolled")}})
     return out
 
 
@@ -231,7 +256,10 @@ def slice_views(model: nn.Module, scans: dict[str, CTScan], nodules: dict[str, l
         v = slide(model, scans[uid], spec, z, stride_mm, device)
         on = nodules_on_slice(nodules.get(uid, []), z)
         score = score_slice(v["prob"], v["valid"], v["xs"], v["ys"], on, stride_mm, threshold)
-        score["p_at_centre"] = patch_probs(model, scans[uid], np.array([n.xyz for n, _ in on]), spec, device).tolist()
+        centres = np.array([n.xyz for n, _ in on]).reshape(-1, 3)
+        score["p_at_centre"] = patch_probs(model, scans[uid], centres, spec, device).tolist()
+        off, rolled = offset_probs(model, scans[uid], centres, spec, stride_mm, device)
+        score["p_offset"], score["p_rolled"] = off.tolist(), rolled.tolist()
         views.append(SliceView(uid, v, on, score))
     n_nod = sum(s.score["nodules"] for s in views)
     found = sum(s.score["found"] for s in views)
@@ -246,6 +274,10 @@ def slice_views(model: nn.Module, scans: dict[str, CTScan], nodules: dict[str, l
               "called_at_centre": int(sum(c for c, _ in called)),
               "found_of_called": int(sum(c and f for c, f in called)),
               "found_not_called": int(sum(f and not c for c, f in called)),
+              # one grid step off the nodule: a patch truly centred there against the centred patch moved
+              # by the training's shift (the median over four directions, called at >= threshold)
+              "called_offset": int(sum(p >= threshold for s in views for p in s.score["p_offset"])),
+              "called_rolled": int(sum(p >= threshold for s in views for p in s.score["p_rolled"])),
               "patches": int(sum(s.view["patches"] for s in views)), "stride_mm": stride_mm,
               "threshold": threshold,
               "per_slice": [{"seriesuid": s.seriesuid, "z_mm": s.view["z_mm"],

@@ -36,18 +36,24 @@ def augment(batch: np.ndarray, rng: np.random.Generator, max_shift: int) -> np.n
         p = np.rot90(p, int(rng.integers(4)), axes=(1, 2))
         if max_shift:
             dy, dx = rng.integers(-max_shift, max_shift + 1, size=2)
-            p = np.roll(p, (int(dy), int(dx)), axis=(1, 2))
-            # rolled-in borders repeat the opposite edge; replace them with the nearest edge
-            if dy > 0:
-                p[:, :dy] = p[:, dy:dy + 1]
-            elif dy < 0:
-                p[:, dy:] = p[:, dy - 1:dy]
-            if dx > 0:
-                p[:, :, :dx] = p[:, :, dx:dx + 1]
-            elif dx < 0:
-                p[:, :, dx:] = p[:, :, dx - 1:dx]
+            p = shift_planes(p, int(dy), int(dx))
         out[i] = p
     return out
+
+
+def shift_planes(p: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """The augmentation's shift: all three planes of a (3, S, S) patch moved by the same (dy, dx)
+    pixels, the vacated border filled with its nearest row or column (not the opposite edge)."""
+    p = np.roll(p, (dy, dx), axis=(1, 2))
+    if dy > 0:
+        p[:, :dy] = p[:, dy:dy + 1]
+    elif dy < 0:
+        p[:, dy:] = p[:, dy - 1:dy]
+    if dx > 0:
+        p[:, :, :dx] = p[:, :, dx:dx + 1]
+    elif dx < 0:
+        p[:, :, dx:] = p[:, :, dx - 1:dx]
+    return p
 
 
 def shift_pixels(spec: PatchSpec, shift_mm: float) -> int:

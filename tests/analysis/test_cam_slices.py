@@ -13,6 +13,7 @@ from analysis.cams.slices import (
     grid_maxima,
     lung_mask,
     nodules_on_slice,
+    offset_probs,
     patch_probs,
     score_slice,
     slide,
@@ -90,6 +91,13 @@ def test_the_models_own_call_on_a_patch_centred_on_a_nodule():
     p = patch_probs(CentreBrightness(), scan, np.array([[-40.0, 12.0, 0.0], [-50.0, -20.0, 0.0]]), spec, cpu)
     assert p.shape == (2,) and p[0] == pytest.approx(0.62, abs=0.03) and p[1] < 0.01
     assert patch_probs(CentreBrightness(), scan, np.zeros((0, 3)), spec, cpu).shape == (0,)
+    # one 3 mm step off a 5 mm ball, re-cut there or rolled, the centre pixels still sit on it; off a
+    # 1.5 mm ball both leave it (this model looks only at the centre: it has learned no shift)
+    off, rolled = offset_probs(CentreBrightness(), scan, np.array([[-40.0, 12.0, 0.0]]), spec, 3.0, cpu)
+    assert off[0] > 0.5 and rolled[0] > 0.5
+    small = chest([((-40.0, 12.0, 0.0), 1.5)])
+    off, rolled = offset_probs(CentreBrightness(), small, np.array([[-40.0, 12.0, 0.0]]), spec, 3.0, cpu)
+    assert off[0] < 0.1 and rolled[0] < 0.1
 
 
 def test_grid_maxima_and_choose_slices():

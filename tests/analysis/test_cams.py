@@ -256,6 +256,9 @@ def test_explain_run_writes_the_grid_and_scores(tiny_run):
     assert all(0.0 <= d["p_at_centre"] <= 1.0 for d in each) and sl["called_at_centre"] == sum(called)
     assert sl["found_of_called"] + sl["found_not_called"] == sl["found"]
     assert sl["found_of_called"] == sum(c and d["found"] for c, d in zip(called, each, strict=True))
+    # one grid step off: a truly re-centred patch against the centred one moved by the training's shift
+    assert sl["called_offset"] == sum(d["p_offset"] >= sl["threshold"] for d in each)
+    assert sl["called_rolled"] == sum(d["p_rolled"] >= sl["threshold"] for d in each)
     for d in each:  # found exactly when a maximum lies within the in-plane radius (or half a grid diagonal)
         reach = max(d["radius_on_slice_mm"], sl["stride_mm"] / 2**0.5)
         assert d["dz_mm"] < d["diameter_mm"] / 2
