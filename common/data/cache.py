@@ -255,7 +255,8 @@ def build_cache(luna: Luna16, spec: PatchSpec, cache_root: Path | str, *, worker
     pfile = tmp / "patches.u8"
     # offset copies of the positives, after all candidates, grouped by scan in the same order
     copy_of = np.repeat(np.flatnonzero(cand.label[rows] == 1), offset_copies)  # file rows of the originals
-    copy_offsets = offsets_in_ball(np.random.default_rng([seed, offset_copies, 20261207]), len(copy_of), offset_mm)
+    # drawn from K alone, not the run's seed: the key does not hold the seed, so the content must not depend on it
+    copy_offsets = offsets_in_ball(np.random.default_rng([offset_copies, 20261207]), len(copy_of), offset_mm)
     shape = (len(rows) + len(copy_of), 3, spec.size, spec.size)
     with open(pfile, "wb") as fh:
         fh.truncate(int(np.prod(shape)))

@@ -201,6 +201,10 @@ def test_offset_copies_are_true_3d_cuts_of_every_positive_and_training_draws_amo
     assert (PatchDataset(cache, positions).rows(positions) == cache.row[positions]).all()
     a, b = PatchDataset(plain, positions, augment=True, seed=4), PatchDataset(plain, positions, augment=True, seed=4)
     assert (a.rows(positions) == plain.row[positions]).all() and a.rng.random() == b.rng.random()  # no draw made
+    # the key holds no run seed, so neither may the content: another seed builds the same copies
+    other = build_cache(luna, spec, tmp_path / "other", seed=5, offset_copies=k, offset_mm=radius, progress=False)
+    assert other.path.name == cache.path.name
+    np.testing.assert_array_equal(np.asarray(other.patches), np.asarray(cache.patches))
     # a damaged copy list is refused, naming the file
     (cache.path / "copies.csv").write_text("row,of_row,dx,dy,dz\n")
     with pytest.raises(DataError, match="copies.csv"):
