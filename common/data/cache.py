@@ -327,8 +327,9 @@ def build_cache(luna: Luna16, spec: PatchSpec, cache_root: Path | str, *, worker
     }
     atomic_write_json(tmp / "meta.json", meta)
     publish_dir(tmp, final)  # False: another process finished the same cache first; use theirs
-    log.info("patch cache built: %s (%d patches from %d scans in %.1fs, %.0f patches/s; %d scan(s) skipped)",
-             final, n_valid, len(jobs) - len(bad), seconds, meta["patches_per_second"], len(bad))
+    log.info("patch cache built: %s (%d patches%s from %d scans in %.1fs, %.0f patches/s; %d scan(s) skipped)",
+             final, n_valid, f" + {n_copies} offset copies of the positives" if offset_copies else "",
+             len(jobs) - len(bad), seconds, meta["patches_per_second"], len(bad))
     return open_cache(final)
 
 
