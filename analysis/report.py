@@ -554,7 +554,8 @@ def cam_scores(cam_docs: dict[str, tuple[list[Path], dict]]) -> list[str]:
                "model still calls a nodule (analysis/cams/probes.py). Slice view: the classifier slid over whole "
                "axial slices through test nodules: the share of the nodules on those slices with a local maximum "
                "of its probability inside, and the other maxima per slice; beside it, how many of those "
-               "nodules the model calls on a patch centred on them (a nodule it misses there is the "
+               "nodules the model calls on a patch centred on them in the slice's plane (a nodule it misses "
+               "there is the "
                "classifier's miss, not the map's) and how many of those the slide finds "
                "(analysis/cams/slices.py).", "",
                "| run | method / layer | " + " | ".join(t for _, t in HEADLINE_COLUMNS)

@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{sl['found']}/{sl['nodules']} nodules at a local maximum ({sl['rate']:.2f} [{sl['ci95'][0]:.2f}, "
               f"{sl['ci95'][1]:.2f}]), {sl['false_maxima_per_slice']:.1f} false maxima per slice (p >= "
               f"{sl['threshold']:g}); the model calls {sl['called_at_centre']} of the {sl['nodules']} on a patch "
-              f"centred on them, the slide finds {sl['found_of_called']} of those (and {sl['found_not_called']} "
+              f"centred on them in the slice's plane, the slide finds {sl['found_of_called']} of those (and "
+              f"{sl['found_not_called']} "
               f"it does not call there); one grid step off their centre it calls {sl['called_offset']} on a patch "
               f"re-cut there, {sl['called_rolled']} on the centred patch moved by the training's shift; why each "
               "nodule was found or missed: cam.json, slices.per_slice")

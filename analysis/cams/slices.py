@@ -16,8 +16,9 @@ such maximum is a *false maximum*. Reported: the share of nodules found (95% Wil
 and the false maxima per slice.
 
 Each nodule is listed with why it was found or missed (:func:`nodule_details`), beside the
-model's probability on a patch centred on the nodule itself (``p_at_centre``): a nodule the model
-does not call even there is the classifier's miss, not the map's; the totals count both. And
+model's probability on a patch centred on the nodule's centre in the slice's plane (``p_at_centre``:
+its x and y, the slice's z, the best point the slide could hit): a nodule the model does not
+call even there is the classifier's miss, not the map's; the totals count both. And
 how the model holds a nodule one grid step off the patch centre (``p_offset``: the median over
 the four in-plane directions of a patch truly centred there, its planes re-cut from the volume)
 against the centred patch moved the same step by the training's own shift (``p_rolled``:
@@ -206,7 +207,8 @@ def nodule_details(sv: SliceView, stride_mm: float) -> list[dict[str, Any]]:
     """Why each nodule of a slice was found or missed: its diameter, the slice's distance from its
     centre (``dz_mm``) and in-plane radius, the nearest local maximum (mm), and the largest
     probability on the grid within its in-plane radius plus one grid step (``None`` for a slice
-    without maxima), and the model's probability on a patch centred on the nodule (``p_at_centre``,
+    without maxima), and the model's probability on a patch centred on the nodule in the slice's plane
+    (``p_at_centre``,
     when the slice view measured it)."""
     v = sv.view
     gx, gy = np.meshgrid(v["xs"], v["ys"])
@@ -256,7 +258,9 @@ def slice_views(model: nn.Module, scans: dict[str, CTScan], nodules: dict[str, l
         v = slide(model, scans[uid], spec, z, stride_mm, device)
         on = nodules_on_slice(nodules.get(uid, []), z)
         score = score_slice(v["prob"], v["valid"], v["xs"], v["ys"], on, stride_mm, threshold)
-        centres = np.array([n.xyz for n, _ in on]).reshape(-1, 3)
+        # each nodule's centre in the slice's plane: for a nodule the plane cuts off its centre, the best
+        # point the slide could hit (its own 3D centre is not on the slice)
+        centres = np.array([(n.xyz[0], n.xyz[1], z) for n, _ in on]).reshape(-1, 3)
         score["p_at_centre"] = patch_probs(model, scans[uid], centres, spec, device).tolist()
         off, rolled = offset_probs(model, scans[uid], centres, spec, stride_mm, device)
         score["p_offset"], score["p_rolled"] = off.tolist(), rolled.tolist()
@@ -269,7 +273,8 @@ def slice_views(model: nn.Module, scans: dict[str, CTScan], nodules: dict[str, l
               "rate": found / n_nod if n_nod else math.nan, "ci95": wilson(found, n_nod),
               "false_maxima_per_slice": float(np.mean([s.score["false_maxima"] for s in views])) if views
               else math.nan,
-              # the classifier's own share: nodules it calls on a patch centred on them, and how many of
+              # the classifier's own share: nodules it calls on a patch centred on them (in the slice's
+              # plane), and how many of
               # those the slide finds (a nodule not called there is the classifier's miss, not the map's)
               "called_at_centre": int(sum(c for c, _ in called)),
               "found_of_called": int(sum(c and f for c, f in called)),
