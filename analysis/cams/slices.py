@@ -135,15 +135,21 @@ def score_slice(prob: np.ndarray, valid: np.ndarray, xs: np.ndarray, ys: np.ndar
             "maxima_xy": pts.tolist(), "maxima_true": claimed.tolist()}
 
 
-def patch_probs(model: nn.Module, scan: CTScan, centres: np.ndarray, spec: PatchSpec, device: torch.device,
-                batch: int = 64) -> np.ndarray:
-    """The model's probability on the patch centred at each (N, 3) world point, through the one
-    evaluation routine (:func:`common.training.engine.predict`), as for every test patch."""
-    if not len(centres):
+def probs_of(model: nn.Module, patches: np.ndarray, device: torch.device, batch: int = 64) -> np.ndarray:
+    """The model's probability on uint8 patches (N, 3, S, S), through the one evaluation routine
+    (:func:`common.training.engine.predict`), as for every test patch."""
+    if not len(patches):
         return np.zeros(0, np.float64)
-    x = torch.from_numpy(to_float(extract(scan, np.asarray(centres, dtype=np.float64).reshape(-1, 3), spec)))
+    x = torch.from_numpy(to_float(patches))
     logits, _ = predict(model, DataLoader(TensorDataset(x, torch.zeros(len(x))), batch_size=batch), device)
     return sigmoid(logits)
+
+
+def patch_probs(model: nn.Module, scan: CTScan, centres: np.ndarray, spec: PatchSpec, device: torch.device,
+                batch: int = 64) -> np.ndarray:
+    """The model's probability on the patch centred at each (N, 3) world point."""
+    centres = np.asarray(centres, dtype=np.float64).reshape(-1, 3)
+    return probs_of(model, extract(scan, centres, spec), device, batch) if len(centres) else np.zeros(0)
 
 
 def offset_probs(model: nn.Module, scan: CTScan, centres: np.ndarray, spec: PatchSpec, step_mm: float,
@@ -159,11 +165,8 @@ def offset_probs(model: nn.Module, scan: CTScan, centres: np.ndarray, spec: Patc
     px = int(round(step_mm * spec.size / spec.fov_mm))
     # the same four moves in pixels (a symmetric set: the medians need no pairing with the directions)
     moves = [(0, px), (0, -px), (px, 0), (-px, 0)]
-    centred = extract(scan, centres, spec)
-    rolled = np.stack([shift_planes(p.copy(), dy, dx) for p in centred for dy, dx in moves])
-    x = torch.from_numpy(to_float(rolled))
-    logits, _ = predict(model, DataLoader(TensorDataset(x, torch.zeros(len(x))), batch_size=64), device)
-    return np.median(true.reshape(-1, 4), axis=1), np.median(sigmoid(logits).reshape(-1, 4), axis=1)
+    rolled = np.stack([shift_planes(p.copy(), dy, dx) for p in extract(scan, centres, spec) for dy, dx in moves])
+    return np.median(true.reshape(-1, 4), axis=1), np.median(probs_of(model, rolled, device).reshape(-1, 4), axis=1)
 
 
 def slide(model: nn.Module, scan: CTScan, spec: PatchSpec, z_mm: float, stride_mm: float, device: torch.device,
@@ -207,9 +210,8 @@ def nodule_details(sv: SliceView, stride_mm: float) -> list[dict[str, Any]]:
     """Why each nodule of a slice was found or missed: its diameter, the slice's distance from its
     centre (``dz_mm``) and in-plane radius, the nearest local maximum (mm), and the largest
     probability on the grid within its in-plane radius plus one grid step (``None`` for a slice
-    without maxima), and the model's probability on a patch centred on the nodule in the slice's plane
-    (``p_at_centre``,
-    when the slice view measured it)."""
+    without maxima), and the model's own calls that :func:`slice_views` measured (``p_at_centre``,
+    ``p_offset``, ``p_rolled``: the module docstring)."""
     v = sv.view
     gx, gy = np.meshgrid(v["xs"], v["ys"])
     out = []
@@ -273,9 +275,8 @@ def slice_views(model: nn.Module, scans: dict[str, CTScan], nodules: dict[str, l
               "rate": found / n_nod if n_nod else math.nan, "ci95": wilson(found, n_nod),
               "false_maxima_per_slice": float(np.mean([s.score["false_maxima"] for s in views])) if views
               else math.nan,
-              # the classifier's own share: nodules it calls on a patch centred on them (in the slice's
-              # plane), and how many of
-              # those the slide finds (a nodule not called there is the classifier's miss, not the map's)
+              # the classifier's own share: nodules it calls on a patch centred on them in the slice's plane,
+              # and how many of those the slide finds (one not called there is the classifier's miss)
               "called_at_centre": int(sum(c for c, _ in called)),
               "found_of_called": int(sum(c and f for c, f in called)),
               "found_not_called": int(sum(f and not c for c, f in called)),
