@@ -107,6 +107,10 @@ class RunConfig:
                               "K + 1 cuts at random each time; the in-plane shift moves the three planes alike, "
                               "which no real offset does (0: off; the cache grows by K x the positives)")
     augment_offset_mm: float = _f(3.0, "radius of --augment-offsets' offsets, in mm")
+    augment_scanner: bool = _f(False, "training-only scanner variation: half the training patches get another "
+                               "scanner's look, drawn afresh (a softer kernel: blur up to 1 mm; thicker slices: "
+                               "blur along z up to 1.1 mm; noise up to 30 HU; calibration gain 0.97-1.03, offset "
+                               "up to 20 HU), for sites that each see one scanner (needs --augment)")
     # --- model --------------------------------------------------------------------
     arch: str = _f("resnet50", "torchvision ResNet with a one-logit head", choices=ARCHS)
     norm: str = _f("batch", "normalisation layers: batch (reference) or group (forced by --dp local)",
@@ -222,6 +226,9 @@ class RunConfig:
             problems.append(f"--server-momentum must be in [0, 1), got {self.server_momentum}")
         if not 0 <= self.augment_offsets <= 64:
             problems.append(f"--augment-offsets must be in [0, 64], got {self.augment_offsets}")
+        if self.augment_scanner and not self.augment:
+            problems.append("--augment-scanner needs --augment (it varies training patches only); drop "
+                            "--no-augment or --augment-scanner")
         if self.augment_offsets and not 0 < self.augment_offset_mm < self.fov_mm / 2:
             problems.append(f"--augment-offset-mm must be in (0, fov-mm / 2 = {self.fov_mm / 2:g}), got "
                             f"{self.augment_offset_mm}")
@@ -389,7 +396,8 @@ _DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(RunConfig)}
 GROUPS: dict[str, tuple[str, ...]] = {
     "training": ("rounds", "local_epochs", "batch_size", "optimizer", "lr", "momentum", "train_params",
                  "weight_decay", "lr_schedule", "warmup_passes", "site_optimizer", "fedbn", "neg_ratio", "augment",
-                 "augment_shift_mm", "augment_offsets", "augment_offset_mm", "arch", "norm", "device", "amp", "seed"),
+                 "augment_shift_mm", "augment_offsets", "augment_offset_mm",
+                 "augment_scanner", "arch", "norm", "device", "amp", "seed"),
     "data": ("image_size", "fov_mm", "hu_min", "hu_max", "max_neg_per_scan", "workers", "on_bad_scan",
              "val_fraction"),
     "federation": ("strategy", "proximal_mu", "update_dtype"),  # what a site's training depends on

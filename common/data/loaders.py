@@ -8,8 +8,11 @@ natural ratio (all candidates of the scans), and every report states it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
+from scipy import ndimage
 from torch.utils.data import DataLoader, Dataset
 
 from common.data.cache import PatchCache
@@ -21,14 +24,59 @@ def to_float(patches: np.ndarray) -> np.ndarray:
     return patches.astype(np.float32) * (2.0 / 255.0) - 1.0
 
 
-def augment(batch: np.ndarray, rng: np.random.Generator, max_shift: int) -> np.ndarray:
-    """Flips, 90-degree rotations and small shifts, the same for all three planes of a patch.
+@dataclass(frozen=True)
+class ScannerVariation:
+    """``--augment-scanner``: what a different CT scanner would have made of the same patch,
+    drawn afresh for each training patch (with probability ``p``), before flips and rotations.
+
+    The ranges are those between CT scanners and protocols in general (LUNA16 mixes
+    reconstruction kernels from soft to sharp, slices of 0.6-2.5 mm and calibrations a few
+    HU apart), not fitted to any data set: a softer reconstruction kernel (in-plane Gaussian
+    blur of up to ``kernel_mm`` sigma), thicker slices (blur along z, the rows of the coronal
+    and sagittal planes, up to ``slice_mm`` sigma: a 2.5 mm slice profile has about 1.1 mm),
+    more image noise (white, up to ``noise_hu`` standard deviation) and calibration (gain
+    within ``gain``, offset within ``offset_hu``). A site that sees one scanner then trains on
+    the others' look too, as a pooled data set would.
+    """
+
+    p: float = 0.5
+    kernel_mm: float = 1.0
+    slice_mm: float = 1.1
+    noise_hu: float = 30.0
+    gain: float = 0.03
+    offset_hu: float = 20.0
+
+    def apply(self, p: np.ndarray, rng: np.random.Generator, spec: PatchSpec) -> np.ndarray:
+        """One (3, S, S) uint8 patch in the cache's orientation (plane 0 axial, rows y; planes
+        1 and 2 coronal and sagittal, rows z) varied as one draw of another scanner."""
+        if rng.random() >= self.p:
+            return p
+        px_mm = spec.fov_mm / spec.size
+        k, z = rng.uniform(0.0, self.kernel_mm) / px_mm, rng.uniform(0.0, self.slice_mm) / px_mm
+        noise, gain = rng.uniform(0.0, self.noise_hu), 1.0 + rng.uniform(-self.gain, self.gain)
+        offset = rng.uniform(-self.offset_hu, self.offset_hu)
+        hu_per_step = (spec.hu_max - spec.hu_min) / 255.0
+        hu = p.astype(np.float32) * hu_per_step + spec.hu_min
+        hu[0] = ndimage.gaussian_filter(hu[0], sigma=(k, k), truncate=3.0)
+        for plane in (1, 2):
+            hu[plane] = ndimage.gaussian_filter(hu[plane], sigma=(z, k), truncate=3.0)
+        hu += rng.standard_normal(hu.shape, dtype=np.float32) * noise
+        hu = hu * gain + offset
+        return np.clip(np.rint((hu - spec.hu_min) / hu_per_step), 0, 255).astype(p.dtype)
+
+
+def augment(batch: np.ndarray, rng: np.random.Generator, max_shift: int,
+            scanner: tuple[ScannerVariation, PatchSpec] | None = None) -> np.ndarray:
+    """Flips, 90-degree rotations and small shifts, the same for all three planes of a patch;
+    with ``scanner``, first another scanner's look (``ScannerVariation``).
 
     A nodule has no preferred orientation, so these keep the label; shifts mimic the
     candidate detector's few-millimetre error.
     """
     out = np.empty_like(batch)
     for i, p in enumerate(batch):
+        if scanner is not None:
+            p = scanner[0].apply(p, rng, scanner[1])
         if rng.random() < 0.5:
             p = p[:, :, ::-1]
         if rng.random() < 0.5:
@@ -69,13 +117,14 @@ class PatchDataset(Dataset):
     each time; the flips, rotations and in-plane shifts then apply as to every patch."""
 
     def __init__(self, cache: PatchCache, positions: np.ndarray, *, augment: bool = False,
-                 seed: int = 0, shift_mm: float = 3.0) -> None:
+                 seed: int = 0, shift_mm: float = 3.0, scanner: ScannerVariation | None = None) -> None:
         self.cache = cache
         self.positions = np.asarray(positions, dtype=np.int64)
         self.labels = cache.label[self.positions].astype(np.float32)
         self.augment = augment
         self.rng = np.random.default_rng(seed)
         self.max_shift = shift_pixels(cache.spec, shift_mm)
+        self.scanner = (scanner, cache.spec) if scanner is not None else None
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -97,14 +146,14 @@ class PatchDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.cache.read_rows(self.rows(self.positions[i:i + 1]))
         if self.augment:
-            x = augment(x, self.rng, self.max_shift)
+            x = augment(x, self.rng, self.max_shift, self.scanner)
         return torch.from_numpy(to_float(np.ascontiguousarray(x[0]))), torch.tensor(self.labels[i])
 
     def __getitems__(self, idx: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         # Batched read: one sorted memmap gather instead of one read per sample.
         x = self.cache.read_rows(self.rows(self.positions[np.asarray(idx)]))
         if self.augment:
-            x = augment(x, self.rng, self.max_shift)
+            x = augment(x, self.rng, self.max_shift, self.scanner)
         x = to_float(np.ascontiguousarray(x))
         return [(torch.from_numpy(x[k]), torch.tensor(self.labels[j])) for k, j in enumerate(idx)]
 
@@ -129,12 +178,14 @@ def epoch_size(cache: PatchCache, positions: np.ndarray, neg_ratio: float) -> in
 
 
 def train_loader(cache: PatchCache, positions: np.ndarray, *, batch_size: int, neg_ratio: float,
-                 augment: bool, seed: int, shift_mm: float = 3.0) -> DataLoader:
+                 augment: bool, seed: int, shift_mm: float = 3.0,
+                 scanner: ScannerVariation | None = None) -> DataLoader:
     """One balanced epoch's loader, reproducible from ``seed``; ``shift_mm``: the largest
-    augmentation shift (``--augment-shift-mm``)."""
+    augmentation shift (``--augment-shift-mm``); ``scanner``: another scanner's look on top
+    (``--augment-scanner``; only with ``augment``)."""
     rng = np.random.default_rng(seed)
     chosen = balanced_positions(cache, positions, neg_ratio, rng)
-    ds = PatchDataset(cache, chosen, augment=augment, seed=seed + 1, shift_mm=shift_mm)
+    ds = PatchDataset(cache, chosen, augment=augment, seed=seed + 1, shift_mm=shift_mm, scanner=scanner)
     # Order is already random; drop a last batch of one (BatchNorm cannot train on it).
     return DataLoader(ds, batch_size=batch_size, shuffle=False, drop_last=len(chosen) % batch_size == 1)
 
