@@ -93,6 +93,55 @@ def test_augment_shift_mm_moves_a_centred_nodule_off_centre_but_keeps_it_in_the_
         RunConfig(augment_shift_mm=24.0)
 
 
+def test_augment_scanner_blurs_z_along_the_rows_of_coronal_and_sagittal_only_and_adds_noise():
+    """--augment-scanner: a thicker slice blurs the rows (z) of the coronal and sagittal planes,
+    never the axial plane or the columns; a softer kernel blurs in-plane; noise and calibration
+    change the grey values; p = 0 leaves a patch as it was; a training loader with it draws
+    different patches from the same seed, labels unchanged; it needs --augment."""
+    from common.data.loaders import ScannerVariation
+    from common.data.patches import PatchSpec
+
+    spec = PatchSpec()
+    rng = np.random.default_rng(0)
+    rows = np.full((3, 64, 64), 40, np.uint8)
+    rows[:, 32, :] = 200  # a line along the columns: only a blur along the rows spreads it
+    cols = np.full((3, 64, 64), 40, np.uint8)
+    cols[:, :, 32] = 200  # a line along the rows
+    thick = ScannerVariation(p=1.0, kernel_mm=0.0, slice_mm=2.0, noise_hu=0.0, gain=0.0, offset_hu=0.0)
+    spread = []
+    for _ in range(20):
+        out = thick.apply(rows, rng, spec)
+        assert np.array_equal(out[0], rows[0])  # axial plane: no z in it
+        spread.append(int(out[1, 31, 5]) - 40)  # the row next to the line
+        assert out[1, 31, 5] == out[2, 31, 5] and out[1, 32, 5] <= 200
+        assert np.array_equal(thick.apply(cols, rng, spec)[1:], cols[1:])  # columns are x or y
+    assert min(spread) >= 0 and max(spread) > 20
+    soft = ScannerVariation(p=1.0, kernel_mm=1.0, slice_mm=0.0, noise_hu=0.0, gain=0.0, offset_hu=0.0)
+    assert max(int(soft.apply(cols, rng, spec)[0, 5, 31]) for _ in range(10)) > 60  # in-plane blur
+    noisy = ScannerVariation(p=1.0, kernel_mm=0.0, slice_mm=0.0, noise_hu=30.0, gain=0.0, offset_hu=0.0)
+    sds = [float(noisy.apply(rows, rng, spec)[:, :20].std()) * 1400 / 255 for _ in range(30)]
+    assert 0 < min(sds) and max(sds) < 30.5 and max(sds) > 20  # noise up to 30 HU
+    assert np.array_equal(ScannerVariation(p=0.0).apply(rows, rng, spec), rows)
+    assert np.array_equal(augment(rows[None], np.random.default_rng(3), 0),
+                          augment(rows[None], np.random.default_rng(3), 0, None))
+    with pytest.raises(ValueError, match="--augment-scanner needs --augment"):
+        RunConfig(augment=False, augment_scanner=True)
+
+
+def test_a_loader_with_scanner_variation_changes_patches_not_labels(tiny_cfg):
+    from common.data.loaders import ScannerVariation
+    from common.data.prepare import prepare
+
+    prep = prepare(tiny_cfg, progress=False)
+    pos = prep.cache.rows_of(prep.plan.sites[0].train)
+    plain = train_loader(prep.cache, pos, batch_size=8, neg_ratio=2.0, augment=True, seed=1)
+    varied = train_loader(prep.cache, pos, batch_size=8, neg_ratio=2.0, augment=True, seed=1,
+                          scanner=ScannerVariation(p=1.0))
+    (xa, ya), (xb, yb) = next(iter(plain)), next(iter(varied))
+    assert np.array_equal(ya.numpy(), yb.numpy())
+    assert xa.shape == xb.shape and not np.array_equal(xa.numpy(), xb.numpy())
+
+
 def test_every_setting_has_one_concern_and_a_hospital_reads_only_what_it_receives():
     import ast
     from dataclasses import fields
