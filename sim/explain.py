@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
               f"it does not call there); one grid step off their centre it calls {sl['called_offset']} on a patch "
               f"re-cut there, {sl['called_rolled']} on the centred patch moved by the training's shift; why each "
               "nodule was found or missed: cam.json, slices.per_slice")
+        print("  maxima counted from p >= t up (found / false maxima per slice): " + ", ".join(
+            f"{c['threshold']:g}: {c['found']}/{sl['nodules']} ({c['false_maxima_per_slice']:.1f})"
+            for c in sl.get("by_threshold", [])))
     if "compare" in scores:
         print("\naxial hit rates by setting (centre / random / bright = the three controls):")
         print(format_table(scores["compare"]))

@@ -47,6 +47,7 @@ from common.evaluation.metrics import sigmoid
 from common.training.engine import predict
 
 SLICES_PNG = "cam_slices.png"
+CURVE_THRESHOLDS = (0.1, 0.2, 0.3, 0.5, 0.7, 0.9)  # the slice view's found / false-maxima trade-off
 CLOSING_MM = 10.0  # the lung field's edge closed at this radius, for nodules attached to the chest wall
 
 
@@ -248,8 +249,10 @@ def slice_views(model: nn.Module, scans: dict[str, CTScan], nodules: dict[str, l
                 picks: list[tuple[str, float]], *, stride_mm: float, threshold: float, device: torch.device,
                 progress: bool = False) -> tuple[list[SliceView], dict[str, Any]]:
     """Slide, score and total the chosen slices. Totals: ``slices``, ``nodules``, ``found``,
-    ``rate`` and ``ci95`` (the share found), ``false_maxima_per_slice``, ``patches``, and
-    ``per_slice`` (each slice's counts and :func:`nodule_details`)."""
+    ``rate`` and ``ci95`` (the share found), ``false_maxima_per_slice``, ``patches``,
+    ``by_threshold`` (found and false maxima per slice with maxima counted from each of
+    ``CURVE_THRESHOLDS`` and ``threshold`` up: the view's trade-off, as a FROC curve is the
+    detector's) and ``per_slice`` (each slice's counts and :func:`nodule_details`)."""
     from tqdm import tqdm
 
     from analysis.cams.pointing import wilson
@@ -269,6 +272,14 @@ def slice_views(model: nn.Module, scans: dict[str, CTScan], nodules: dict[str, l
         views.append(SliceView(uid, v, on, score))
     n_nod = sum(s.score["nodules"] for s in views)
     found = sum(s.score["found"] for s in views)
+    curve = []
+    for t in sorted({*CURVE_THRESHOLDS, threshold}):
+        sc = [score_slice(s.view["prob"], s.view["valid"], s.view["xs"], s.view["ys"], s.on_slice, stride_mm, t)
+              for s in views]
+        n_found = sum(c["found"] for c in sc)
+        curve.append({"threshold": t, "found": n_found, "rate": n_found / n_nod if n_nod else math.nan,
+                      "ci95": wilson(n_found, n_nod),
+                      "false_maxima_per_slice": float(np.mean([c["false_maxima"] for c in sc])) if sc else math.nan})
     called = [(p >= threshold, f) for s in views for p, f in zip(s.score["p_at_centre"], s.score["found_each"],
                                                                  strict=True)]
     totals = {"slices": len(views), "nodules": n_nod, "found": found,
@@ -285,7 +296,7 @@ def slice_views(model: nn.Module, scans: dict[str, CTScan], nodules: dict[str, l
               "called_offset": int(sum(p >= threshold for s in views for p in s.score["p_offset"])),
               "called_rolled": int(sum(p >= threshold for s in views for p in s.score["p_rolled"])),
               "patches": int(sum(s.view["patches"] for s in views)), "stride_mm": stride_mm,
-              "threshold": threshold,
+              "threshold": threshold, "by_threshold": curve,
               "per_slice": [{"seriesuid": s.seriesuid, "z_mm": s.view["z_mm"],
                              **{k: s.score[k] for k in ("nodules", "found", "maxima", "false_maxima")},
                              "each_nodule": nodule_details(s, stride_mm)}

@@ -114,3 +114,22 @@ def test_grid_maxima_and_choose_slices():
     picks = choose_slices(nods, 3, seed=0)
     assert sorted(picks) == [("a", -5.0), ("a", 5.0), ("b", 1.0)]
     assert len(choose_slices(nods, 2, seed=0)) == 2 and {u for u, _ in choose_slices(nods, 2, seed=0)} == {"a", "b"}
+
+
+def test_the_slice_views_found_and_false_maxima_at_each_threshold():
+    """The view's trade-off (``by_threshold``): maxima counted from a lower threshold find as many
+    nodules or more and make more false maxima; above the nodule's own probability (0.62) none."""
+    from analysis.cams.slices import CURVE_THRESHOLDS, slice_views
+
+    on = ((-40.0, 12.0, 0.0), 5.0)
+    scan = chest([on])
+    views, totals = slice_views(CentreBrightness(), {"s": scan}, {"s": [Nodule("s", on[0], 10.0)]},
+                                PatchSpec(32, 24.0), [("s", 0.0)], stride_mm=3.0, threshold=0.55,
+                                device=torch.device("cpu"))
+    curve = {c["threshold"]: c for c in totals["by_threshold"]}
+    assert sorted(curve) == sorted({*CURVE_THRESHOLDS, 0.55})
+    assert (curve[0.55]["found"], curve[0.55]["false_maxima_per_slice"]) == (totals["found"], 0.0) == (1, 0.0)
+    assert curve[0.2]["found"] == 1 and curve[0.2]["false_maxima_per_slice"] > 0
+    assert curve[0.7]["found"] == 0 and curve[0.7]["false_maxima_per_slice"] == 0.0
+    falses = [curve[t]["false_maxima_per_slice"] for t in sorted(curve)]
+    assert falses == sorted(falses, reverse=True)
