@@ -33,12 +33,13 @@ SHOWN = [("roc_auc", "ROC-AUC"), ("pr_auc", "PR-AUC"), ("cpm", "CPM"), ("accurac
 
 # settings that change what a run learns, named in the report's "setting" column when not at their default
 DESCRIBED = ("rounds", "local_epochs", "batch_size", "optimizer", "lr", "weight_decay", "lr_schedule",
-             "warmup_passes", "site_optimizer", "bn_stats", "fedbn", "neg_ratio", "augment", "augment_shift_mm", "arch",
-             "norm", "image_size", "train_params")
+             "warmup_passes", "site_optimizer", "bn_stats", "fedbn", "neg_ratio", "augment", "augment_shift_mm",
+             "augment_offsets", "augment_scanner", "arch", "norm", "image_size", "train_params")
 DESCRIBED_WHEN = {"server_lr": lambda c: c.get("strategy") in ("fedavgm", "fedadam", "fedyogi"),
                   "server_momentum": lambda c: c.get("strategy") == "fedavgm",
                   "proximal_mu": lambda c: c.get("strategy") == "fedprox",
-                  "alpha": lambda c: c.get("partition") == "dirichlet"}
+                  "alpha": lambda c: c.get("partition") == "dirichlet",
+                  "augment_offset_mm": lambda c: bool(c.get("augment_offsets"))}
 
 
 @dataclass

@@ -382,6 +382,10 @@ def test_the_setting_column_names_every_training_option_changed_from_its_default
     assert describe(mode="centralized", lr_schedule="cosine", rounds=16) == \
         "centralized, 48 epochs on pooled data, --rounds 16, --lr-schedule cosine"
     assert describe(augment=False) == "8 sites, iid, fedavgm, --no-augment"
+    assert describe(partition="scanner", augment_scanner=True) == "8 sites, scanner, fedavgm, --augment-scanner"
+    assert describe(augment_offsets=4, augment_offset_mm=2.0) == \
+        "8 sites, iid, fedavgm, --augment-offsets 4, --augment-offset-mm 2.0"
+    assert describe(augment_offset_mm=2.0) == "8 sites, iid, fedavgm"  # read only with copies
     # a strategy's own settings only where that strategy reads them
     assert describe(strategy="fedadam", server_lr=0.03) == "8 sites, iid, fedadam, --server-lr 0.03"
     assert describe(strategy="fedavg", server_lr=0.03) == "8 sites, iid, fedavg"
