@@ -25,7 +25,7 @@ import torch
 from common.atomic import atomic_write
 from common.config import RunConfig
 from common.data.cache import PatchCache, open_cache
-from common.data.loaders import ScannerVariation, epoch_size, eval_loader, train_loader
+from common.data.loaders import epoch_size, eval_loader, training_epoch
 from common.data.partition import SitePlan
 from common.evaluation.metrics import threshold_counts
 from common.privacy.dpsgd import LocalDP
@@ -195,9 +195,7 @@ def train_site(cfg: RunConfig, data: SiteData, arrays: dict[str, np.ndarray], se
     prefix = f"[site {data.name}] [round {server_round}] "
 
     def loader(epoch: int):
-        return train_loader(data.cache, data.train, batch_size=cfg.batch_size, neg_ratio=cfg.neg_ratio,
-                            augment=cfg.augment, seed=seed + epoch, shift_mm=cfg.augment_shift_mm,
-                            scanner=ScannerVariation() if cfg.augment_scanner else None)
+        return training_epoch(cfg, data.cache, data.train, seed + epoch)
 
     dp = local_dp(cfg, data, len(loader(0))) if cfg.dp == "local" else None
     if dp is not None:

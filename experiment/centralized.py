@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from common.config import RunConfig
-from common.data.loaders import epoch_size, eval_loader, train_loader
+from common.data.loaders import epoch_size, eval_loader, training_epoch
 from common.data.prepare import Prepared
 from common.evaluation.holdout import TestSplit
 from common.evaluation.metrics import operating_point_fields, threshold_counts
@@ -60,9 +60,7 @@ def run_centralized(cfg: RunConfig, run: RunDir, prepared: Prepared, checkpoint:
             for e in range(cfg.local_epochs):
                 epoch = (rnd - 1) * cfg.local_epochs + e
                 model_lib.set_lr(optimizer, model_lib.lr_at(cfg, epoch))  # the sites' schedule, pass by pass
-                loader = train_loader(prepared.cache, positions, batch_size=cfg.batch_size, neg_ratio=cfg.neg_ratio,
-                                      augment=cfg.augment, seed=cfg.seed * 100_003 + epoch,
-                                      shift_mm=cfg.augment_shift_mm)
+                loader = training_epoch(cfg, prepared.cache, positions, cfg.seed * 100_003 + epoch)
                 stats.append(train_one_epoch(model, loader, optimizer, device, amp=cfg.amp, progress=progress,
                                              log_prefix=f"epoch {epoch + 1}/{cfg.rounds * cfg.local_epochs} "))
             seen = sum(s["examples"] for s in stats)

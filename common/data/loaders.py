@@ -9,6 +9,7 @@ natural ratio (all candidates of the scans), and every report states it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,6 +18,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from common.data.cache import PatchCache
 from common.data.patches import PatchSpec
+
+if TYPE_CHECKING:
+    from common.config import RunConfig
 
 
 def to_float(patches: np.ndarray) -> np.ndarray:
@@ -188,6 +192,14 @@ def train_loader(cache: PatchCache, positions: np.ndarray, *, batch_size: int, n
     ds = PatchDataset(cache, chosen, augment=augment, seed=seed + 1, shift_mm=shift_mm, scanner=scanner)
     # Order is already random; drop a last batch of one (BatchNorm cannot train on it).
     return DataLoader(ds, batch_size=batch_size, shuffle=False, drop_last=len(chosen) % batch_size == 1)
+
+
+def training_epoch(cfg: RunConfig, cache: PatchCache, positions: np.ndarray, seed: int) -> DataLoader:
+    """The training epoch of a run's settings (batch size, negatives, every augmentation): what a
+    site and the centralized baseline both train on, so one setting reaches both."""
+    return train_loader(cache, positions, batch_size=cfg.batch_size, neg_ratio=cfg.neg_ratio, augment=cfg.augment,
+                        seed=seed, shift_mm=cfg.augment_shift_mm,
+                        scanner=ScannerVariation() if cfg.augment and cfg.augment_scanner else None)
 
 
 def eval_loader(cache: PatchCache, positions: np.ndarray, batch_size: int = 64) -> DataLoader:

@@ -166,3 +166,23 @@ def test_every_setting_has_one_concern_and_a_hospital_reads_only_what_it_receive
     sent = json.loads(cfg.for_site())
     assert set(sent) == set(SITE_SETTINGS) and sent["lr"] == 0.01
     assert not {"inject", "fail_prob", "tracking", "partition", "data", "out"} & set(sent)
+
+
+def test_sites_and_the_centralized_baseline_train_on_the_runs_own_epoch(tiny_cfg):
+    """One builder of a training epoch from the run's settings (``training_epoch``): every
+    augmentation setting reaches a site and the centralized baseline alike (a baseline that
+    built its own loader once trained without --augment-scanner while the sites had it)."""
+    import re
+
+    from common.data.loaders import training_epoch
+    from common.data.prepare import prepare
+    from tests.helpers import ROOT
+
+    prep = prepare(tiny_cfg, progress=False)
+    pos = prep.cache.rows_of(prep.plan.sites[0].train)
+    ds = training_epoch(tiny_cfg.replace(augment_scanner=True, augment_shift_mm=6.0), prep.cache, pos, 1).dataset
+    assert ds.scanner is not None and ds.augment and ds.max_shift == 4  # 6 mm at 32 px over 48 mm
+    assert training_epoch(tiny_cfg, prep.cache, pos, 1).dataset.scanner is None
+    for path in ("client/site.py", "experiment/centralized.py"):
+        src = (ROOT / path).read_text()
+        assert "training_epoch(cfg" in src and not re.search(r"\btrain_loader\(", src), path
