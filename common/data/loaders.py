@@ -50,23 +50,23 @@ class ScannerVariation:
     gain: float = 0.03
     offset_hu: float = 20.0
 
-    def apply(self, p: np.ndarray, rng: np.random.Generator, spec: PatchSpec) -> np.ndarray:
+    def apply(self, patch: np.ndarray, rng: np.random.Generator, spec: PatchSpec) -> np.ndarray:
         """One (3, S, S) uint8 patch in the cache's orientation (plane 0 axial, rows y; planes
         1 and 2 coronal and sagittal, rows z) varied as one draw of another scanner."""
         if rng.random() >= self.p:
-            return p
+            return patch
         px_mm = spec.fov_mm / spec.size
         k, z = rng.uniform(0.0, self.kernel_mm) / px_mm, rng.uniform(0.0, self.slice_mm) / px_mm
         noise, gain = rng.uniform(0.0, self.noise_hu), 1.0 + rng.uniform(-self.gain, self.gain)
         offset = rng.uniform(-self.offset_hu, self.offset_hu)
         hu_per_step = (spec.hu_max - spec.hu_min) / 255.0
-        hu = p.astype(np.float32) * hu_per_step + spec.hu_min
+        hu = patch.astype(np.float32) * hu_per_step + spec.hu_min
         hu[0] = ndimage.gaussian_filter(hu[0], sigma=(k, k), truncate=3.0)
         for plane in (1, 2):
             hu[plane] = ndimage.gaussian_filter(hu[plane], sigma=(z, k), truncate=3.0)
         hu += rng.standard_normal(hu.shape, dtype=np.float32) * noise
         hu = hu * gain + offset
-        return np.clip(np.rint((hu - spec.hu_min) / hu_per_step), 0, 255).astype(p.dtype)
+        return np.clip(np.rint((hu - spec.hu_min) / hu_per_step), 0, 255).astype(patch.dtype)
 
 
 def augment(batch: np.ndarray, rng: np.random.Generator, max_shift: int,
